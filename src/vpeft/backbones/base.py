@@ -1,0 +1,96 @@
+"""Backbone views: where a model keeps its blocks, attention, MLP, heads and tokens.
+
+A method asks the view, never the model's class name, so one method file serves every family that
+has the parts it needs; a missing part raises :class:`MissingPartError` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+class MissingPartError(ValueError):
+    """The backbone lacks a part that a method needs (attention, token sequence, blocks ...)."""
+
+
+@dataclass
+class BackboneView:
+    """What methods need to know about a backbone. Built by :func:`get_view`.
+
+    ``blocks`` are dotted paths of the residual blocks in forward order; ``attn``/``mlp``/``qkv``
+    are names relative to a block (``None`` where the family has no such part); ``heads`` are the
+    classifier modules trained together with every method.
+    """
+
+    family: str
+    model: nn.Module
+    blocks: list[str] = field(default_factory=list)
+    block_dims: list[int] = field(default_factory=list)
+    attn: str | None = None
+    qkv: str | None = None
+    mlp: str | None = None
+    norms: tuple[str, ...] = ()
+    heads: list[str] = field(default_factory=list)
+    patch_embed: str | None = None
+    final_norm: str | None = None
+    sequence_tokens: bool = False  # blocks take (B, N, D) token sequences
+    num_prefix_tokens: int = 0  # class/distillation/register tokens before the patch tokens
+    embed_dim: int = 0
+    patch_size: int | None = None
+    in_chans: int = 3
+
+    def require(self, *parts: str, method: str = "") -> None:
+        """Raise a clear error if any of ``parts`` (attribute names of this view) is missing."""
+        missing = [p for p in parts if not getattr(self, p)]
+        if missing:
+            who = f"method '{method}'" if method else "this method"
+            raise MissingPartError(
+                f"{who} needs {', '.join(missing)} but the backbone "
+                f"{type(self.model).__name__} (view '{self.family}') has none"
+            )
+
+    def block_part(self, i: int, part: str) -> str:
+        """Path of ``part`` (``'attn'``, ``'mlp'``, ``'qkv'`` ...) inside block ``i``."""
+        rel = getattr(self, part, None) or part
+        return f"{self.blocks[i]}.{rel}"
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+
+_VIEW_BUILDERS: list = []
+
+
+def register_view(builder):  # noqa: ANN001, ANN201 - decorator over a builder function
+    """Register ``builder(model) -> BackboneView | None``; the first non-None answer wins."""
+    _VIEW_BUILDERS.append(builder)
+    return builder
+
+
+def get_view(model: nn.Module) -> BackboneView:
+    """The view of ``model``: a specific family's if one matches, else a generic one."""
+    from vpeft import backbones  # noqa: F401 - registers the built-in views
+
+    for builder in _VIEW_BUILDERS:
+        view = builder(model)
+        if view is not None:
+            return view
+    return generic_view(model)
+
+
+def head_paths(model: nn.Module) -> list[str]:
+    """Classifier modules, found through timm's ``get_classifier`` where the model has one."""
+    getter = getattr(model, "get_classifier", None)
+    if getter is None:
+        return []
+    heads = getter()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    ids = {id(h): None for h in heads if isinstance(h, nn.Module)}
+    return [n for n, m in model.named_modules() if id(m) in ids and n]
+
+
+def generic_view(model: nn.Module) -> BackboneView:
+    return BackboneView(family="generic", model=model, heads=head_paths(model))

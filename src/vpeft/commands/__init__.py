@@ -1,0 +1,1 @@
+"""Subcommands of the ``vpeft`` CLI, one module each (see :mod:`vpeft.cli`)."""

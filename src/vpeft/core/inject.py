@@ -1,0 +1,157 @@
+"""The injection primitives every method is built from, each a :class:`Wrapper`.
+
+* :class:`LinearUpdate`: a leaf Linear whose output gets a learned update (LoRA, FacT, ...).
+* :class:`Bypass`: a sub-module (``block.mlp``, ``block.attn``) with a learned branch added
+  after it (sequential adapter) or beside it (parallel adapter).
+* :class:`ScaleShift`: a leaf module followed by a per-channel affine map (SSF).
+* :class:`Bottleneck`: the down-project / activation / up-project module adapters share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vpeft.core.surgery import NotMergeableError, Wrapper
+
+
+def activation(name: str) -> nn.Module:
+    acts = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
+    if name not in acts:
+        raise ValueError(f"unknown activation '{name}'; choose from {sorted(acts)}")
+    return acts[name]()
+
+
+class Bottleneck(nn.Module):
+    """``up(dropout(act(down(x))))``; ``up`` starts at zero, so the branch starts as zero."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", dropout: float = 0.0,
+                 out_dim: int | None = None) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.act = activation(act)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = nn.Linear(hidden, out_dim or dim)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.down(x))))
+
+
+class Bypass(Wrapper):
+    """``y = base(x); y + scale * branch(y)`` (sequential) or ``y + scale * branch(x)`` (parallel)."""
+
+    def __init__(self, base: nn.Module, branch: nn.Module, parallel: bool, scale: float = 1.0,
+                 learn_scale: bool = False) -> None:
+        super().__init__(base)
+        self.branch = branch
+        self.parallel = parallel
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(float(scale)))
+        else:
+            self.scale = scale
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        return y + self.scale * self.branch(x if self.parallel else y)
+
+
+class LinearUpdate(Wrapper):
+    """A Linear layer plus a learned update of its output; subclasses give the update.
+
+    ``update(x)`` is what gets added to ``base(x)``; ``delta_weight()`` is the equivalent change of
+    ``base.weight`` (same shape), used by ``fold``/``unfold``. ``delta_bias()`` may add a bias change.
+    """
+
+    base: nn.Linear
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.update(x, self.base(x))
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        db = self.delta_bias()
+        if db is not None:
+            _bias_of(self.base).add_(db)
+        return self.base
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        db = self.delta_bias()
+        if db is not None:
+            self.base.bias -= db
+
+
+def _bias_of(module: nn.Module) -> torch.Tensor:
+    """The module's bias, created (as zeros) if it had none, so an update can fold into it."""
+    if module.bias is None:
+        out = module.weight.shape[0]
+        module.bias = nn.Parameter(module.weight.new_zeros(out), requires_grad=False)
+    return module.bias
+
+
+class ScaleShift(Wrapper):
+    """``base(x) * scale + shift`` per output channel (last dim; dim 1 for convolutions)."""
+
+    def __init__(self, base: nn.Module, channels: int, channel_dim: int = -1,
+                 init_std: float = 0.0) -> None:
+        super().__init__(base)
+        self.channel_dim = channel_dim
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+        if init_std > 0:
+            nn.init.normal_(self.scale, mean=1.0, std=init_std)
+            nn.init.normal_(self.shift, std=init_std)
+
+    def _shape(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return t
+        return t.view(-1, *([1] * (ndim - 2)))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        return y * self._shape(self.scale, y.ndim) + self._shape(self.shift, y.ndim)
+
+    def _weight_view(self, w: torch.Tensor) -> torch.Tensor:
+        # LayerNorm weights are 1-D; Linear (out, in); Conv (out, in, kh, kw)
+        return self.scale.view(-1, *([1] * (w.ndim - 1)))
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        if getattr(self.base, "weight", None) is None:
+            raise NotMergeableError(f"cannot fold a scale into {type(self.base).__name__}: no weight")
+        w = self.base.weight
+        w.mul_(self._weight_view(w))
+        bias = _bias_of(self.base)
+        bias.mul_(self.scale).add_(self.shift)
+        return self.base
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        self.base.bias.sub_(self.shift).div_(self.scale)
+        w = self.base.weight
+        w.div_(self._weight_view(w))
+
+
+def lowrank_(a: torch.Tensor) -> None:
+    """LoRA's initialisation of a down-projection (Kaiming-uniform, as nn.Linear)."""
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+__all__ = ["Bottleneck", "Bypass", "LinearUpdate", "ScaleShift", "activation", "lowrank_"]

@@ -1,0 +1,1 @@
+"""Addition-based methods: new modules or tokens beside the frozen backbone."""

@@ -1,0 +1,66 @@
+"""Adapter (Houlsby et al., 2019, arXiv:1902.00751): a sequential bottleneck after sub-layers.
+
+``y = f(x); y + up(act(down(y)))`` after the attention and/or the MLP of every block. ``up`` is
+zero-initialised, so the adapted model starts equal to the base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vpeft.backbones.base import BackboneView
+from vpeft.core.config import MethodConfig, option
+from vpeft.core.inject import Bottleneck, Bypass
+from vpeft.core.method import Method
+from vpeft.core.surgery import wrap
+from vpeft.registry import register
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    dim: int = option(8, "Bottleneck width.")
+    positions: tuple[str, ...] = option(("attn", "mlp"), "Sub-layers followed by an adapter.")
+    act: str = option("gelu", "Activation inside the bottleneck.")
+    dropout: float = option(0.0, "Dropout inside the bottleneck.")
+    scale: float = option(1.0, "Multiplier of the adapter's output.")
+
+    def validate(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"adapter dim must be >= 1, got {self.dim}")
+        bad = set(self.positions) - {"attn", "mlp"}
+        if bad or not self.positions:
+            raise ValueError(f"adapter positions must be among ('attn', 'mlp'), got {self.positions}")
+
+
+class BlockAdapterMethod(Method):
+    """Shared ``apply``: put a :class:`Bypass` with a fresh branch at each chosen sub-layer."""
+
+    family = "addition"
+    subfamily = "adapter"
+    parallel = False
+    zero_init = True
+
+    def positions(self) -> tuple[str, ...]:
+        return self.config.positions
+
+    def branch(self, dim: int) -> nn.Module:
+        cfg = self.config
+        return Bottleneck(dim, cfg.dim, cfg.act, cfg.dropout)
+
+    def apply(self, model: nn.Module, view: BackboneView) -> None:
+        view.require("blocks", *self.positions(), method=self.name)
+        for i in range(view.depth):
+            for pos in self.positions():
+                wrap(model, view.block_part(i, pos),
+                     lambda m, d=view.block_dims[i]: Bypass(m, self.branch(d), self.parallel,
+                                                            self.config.scale))
+
+
+@register
+class Adapter(BlockAdapterMethod):
+    """Adapter (Houlsby): sequential bottleneck after attention and MLP."""
+
+    name = "adapter"
+    config_cls = AdapterConfig

@@ -1,0 +1,70 @@
+"""SSF (Lian et al., 2022, arXiv:2210.08823): scale and shift the features after each operation.
+
+A learned per-channel ``gamma * y + beta`` follows every Linear, convolution and LayerNorm of the
+backbone (the paper's placement); on merge it folds into that layer's weight and bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vpeft.backbones.base import BackboneView
+from vpeft.core.config import MethodConfig, option
+from vpeft.core.inject import ScaleShift
+from vpeft.core.method import Method
+from vpeft.core.surgery import wrap
+from vpeft.core.targeting import find_modules
+from vpeft.registry import register
+
+TARGET_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+
+
+@dataclass
+class SSFConfig(MethodConfig):
+    targets: tuple[str, ...] = option((), "Modules to follow with scale and shift, by name pattern; "
+                                          "empty = every Linear, Conv2d and LayerNorm of the backbone.")
+    init_std: float = option(0.02, "Scale ~ N(1, std), shift ~ N(0, std) as in the paper; "
+                                   "0 starts as the identity.")
+
+
+def _channels(m: nn.Module) -> int:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    return m.normalized_shape[-1]
+
+
+@register
+class SSF(Method):
+    """SSF: learned scale and shift after every operation; folds into the weights."""
+
+    name = "ssf"
+    config_cls = SSFConfig
+    family = "partial"
+    subfamily = "reparameterization"
+    mergeable = True
+    structure_preserving = True
+    inference_overhead = False
+
+    def apply(self, model: nn.Module, view: BackboneView) -> None:
+        cfg: SSFConfig = self.config
+        heads = tuple(h + "." for h in view.heads)
+        if cfg.targets:
+            paths = find_modules(model, cfg.targets, TARGET_TYPES)
+        else:
+            paths = [n for n, m in model.named_modules() if isinstance(m, TARGET_TYPES)]
+        for path in paths:
+            if path in view.heads or path.startswith(heads):
+                continue
+            m = model.get_submodule(path)
+            if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:
+                raise ValueError(f"ssf cannot fold into {path}: LayerNorm without affine weights")
+            dim = 1 if isinstance(m, nn.Conv2d) else -1
+            wrap(model, path, lambda b, c=_channels(m), d=dim: ScaleShift(b, c, d, cfg.init_std))
+
+    @property
+    def zero_init(self) -> bool:  # type: ignore[override]
+        return self.config.init_std == 0

@@ -1,0 +1,1 @@
+"""Unified methods: one search space over several methods."""

@@ -1,0 +1,87 @@
+"""The method registry: ``@register`` binds a config dataclass to its method class."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vpeft.core.config import MethodConfig
+    from vpeft.core.method import Method
+
+_METHODS: dict[str, type[Method]] = {}
+_loaded = False
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a :class:`~vpeft.core.method.Method` available by its ``name``."""
+    name = cls.name
+    if not name or cls.config_cls is None:
+        raise TypeError(f"{cls.__name__} needs a `name` and a `config_cls` to be registered")
+    if name in _METHODS and _METHODS[name] is not cls:
+        raise ValueError(f"method '{name}' is registered twice ({_METHODS[name]} and {cls})")
+    cls.config_cls.method = name
+    _METHODS[name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    """Import every module under ``vpeft.methods`` so that their ``@register`` runs."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import vpeft.methods as pkg
+
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(info.name)
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin()
+    key = name.strip().lower().replace("_", "-")
+    if key not in _METHODS:
+        raise KeyError(f"unknown method '{name}'; available methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[key]
+
+
+def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
+    """Resolve a method name plus options, or a config object, to a config object."""
+    from vpeft.core.config import MethodConfig
+
+    if isinstance(method, MethodConfig):
+        return method.replace(**options) if options else method
+    return get_method(method).config_cls.from_dict(options)
+
+
+def config_classes() -> dict[str, type[MethodConfig]]:
+    """Config classes by class name (``LoRAConfig`` ...), for ``vpeft.<Name>Config``."""
+    _load_builtin()
+    return {m.config_cls.__name__: m.config_cls for m in _METHODS.values()}
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One row of ``vpeft.list_methods()``: a method's place in the taxonomy and its characteristics."""
+
+    name: str
+    family: str
+    subfamily: str
+    mergeable: bool
+    structure_preserving: bool
+    inference_overhead: bool
+    memory_saving: bool
+    summary: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method with its family and characteristics, in taxonomy order."""
+    _load_builtin()
+    order = {"reference": 0, "addition": 1, "partial": 2, "unified": 3}
+    rows = [m.info() for m in _METHODS.values()]
+    return sorted(rows, key=lambda r: (order.get(r.family, 9), r.subfamily, r.name))
