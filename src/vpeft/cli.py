@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(f"vpeft.commands.{info.name}")
         name = getattr(mod, "NAME", info.name)
-        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=mod.HELP,
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -36,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args._run(args) or 0)
     except (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

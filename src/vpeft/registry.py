@@ -64,7 +64,7 @@ def config_classes() -> dict[str, type[MethodConfig]]:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """One row of ``vpeft.list_methods()``: a method's place in the taxonomy and its characteristics."""
+    """A row of ``vpeft.list_methods()``: a method's place in the taxonomy, its characteristics."""
 
     name: str
     family: str

@@ -64,7 +64,7 @@ class BackboneView:
 _VIEW_BUILDERS: list = []
 
 
-def register_view(builder):  # noqa: ANN001, ANN201 - decorator over a builder function
+def register_view(builder):
     """Register ``builder(model) -> BackboneView | None``; the first non-None answer wins."""
     _VIEW_BUILDERS.append(builder)
     return builder

@@ -1,4 +1,4 @@
-"""View of timm's plain Vision Transformers (ViT, DeiT incl. distilled, ViTs with register tokens)."""
+"""View of timm's plain Vision Transformers: ViT, DeiT (also distilled), ViTs with registers."""
 
 from __future__ import annotations
 

@@ -45,13 +45,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     yes = {True: "yes", False: "no"}
     table = Table(title="vpeft methods")
-    for col in ("name", "family", "sub-family", "mergeable", "structure-preserving",
-                "inference overhead", "memory-saving"):
+    for col in (
+        "name",
+        "family",
+        "sub-family",
+        "mergeable",
+        "structure-preserving",
+        "inference overhead",
+        "memory-saving",
+    ):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["family"], r["subfamily"], yes[r["mergeable"]],
-                      yes[r["structure_preserving"]], yes[r["inference_overhead"]],
-                      yes[r["memory_saving"]])
+        table.add_row(
+            r["name"],
+            r["family"],
+            r["subfamily"],
+            yes[r["mergeable"]],
+            yes[r["structure_preserving"]],
+            yes[r["inference_overhead"]],
+            yes[r["memory_saving"]],
+        )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     if args.options:

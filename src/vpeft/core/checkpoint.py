@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or made for another model or method config."""
 
 
-def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
+def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -47,7 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the adapter (trained and added tensors, and the head) and its config to ``directory``."""
+    """Write the adapter (trained and added tensors, the head) and its config to ``directory``."""
     state = get_state(model)
     if state.merged is not None:
         raise ValueError("save the adapted model, not the merged one (vpeft.unmerge it first)")

@@ -79,7 +79,9 @@ def _coerce(value: Any, hint: Any, name: str, method: str) -> Any:
                 return True
             if lowered in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"option '{name}' of method '{method}' expects a boolean, got {value!r}")
+            raise ValueError(
+                f"option '{name}' of method '{method}' expects a boolean, got {value!r}"
+            )
         return bool(value)
     if hint in (int, float, str):
         try:

@@ -27,8 +27,14 @@ def activation(name: str) -> nn.Module:
 class Bottleneck(nn.Module):
     """``up(dropout(act(down(x))))``; ``up`` starts at zero, so the branch starts as zero."""
 
-    def __init__(self, dim: int, hidden: int, act: str = "gelu", dropout: float = 0.0,
-                 out_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act: str = "gelu",
+        dropout: float = 0.0,
+        out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.down = nn.Linear(dim, hidden)
         self.act = activation(act)
@@ -44,10 +50,16 @@ class Bottleneck(nn.Module):
 
 
 class Bypass(Wrapper):
-    """``y = base(x); y + scale * branch(y)`` (sequential) or ``y + scale * branch(x)`` (parallel)."""
+    """``y = base(x); y + s * branch(y)`` (sequential) or ``y + s * branch(x)`` (parallel)."""
 
-    def __init__(self, base: nn.Module, branch: nn.Module, parallel: bool, scale: float = 1.0,
-                 learn_scale: bool = False) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        branch: nn.Module,
+        parallel: bool,
+        scale: float = 1.0,
+        learn_scale: bool = False,
+    ) -> None:
         super().__init__(base)
         self.branch = branch
         self.parallel = parallel
@@ -65,7 +77,7 @@ class LinearUpdate(Wrapper):
     """A Linear layer plus a learned update of its output; subclasses give the update.
 
     ``update(x)`` is what gets added to ``base(x)``; ``delta_weight()`` is the equivalent change of
-    ``base.weight`` (same shape), used by ``fold``/``unfold``. ``delta_bias()`` may add a bias change.
+    ``base.weight`` (same shape), used by ``fold``/``unfold``; ``delta_bias()`` a bias change.
     """
 
     base: nn.Linear
@@ -109,8 +121,9 @@ def _bias_of(module: nn.Module) -> torch.Tensor:
 class ScaleShift(Wrapper):
     """``base(x) * scale + shift`` per output channel (last dim; dim 1 for convolutions)."""
 
-    def __init__(self, base: nn.Module, channels: int, channel_dim: int = -1,
-                 init_std: float = 0.0) -> None:
+    def __init__(
+        self, base: nn.Module, channels: int, channel_dim: int = -1, init_std: float = 0.0
+    ) -> None:
         super().__init__(base)
         self.channel_dim = channel_dim
         self.scale = nn.Parameter(torch.ones(channels))
@@ -135,7 +148,9 @@ class ScaleShift(Wrapper):
     @torch.no_grad()
     def fold(self) -> nn.Module:
         if getattr(self.base, "weight", None) is None:
-            raise NotMergeableError(f"cannot fold a scale into {type(self.base).__name__}: no weight")
+            raise NotMergeableError(
+                f"cannot fold a scale into {type(self.base).__name__}: no weight"
+            )
         w = self.base.weight
         w.mul_(self._weight_view(w))
         bias = _bias_of(self.base)

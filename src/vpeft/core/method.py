@@ -34,7 +34,9 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]]
     family: ClassVar[str] = ""  # reference | addition | partial | unified
-    subfamily: ClassVar[str] = ""  # adapter | prompt | prefix | side | specification | reparameterization
+    subfamily: ClassVar[str] = (
+        ""  # adapter | prompt | prefix | side | specification | reparameterization
+    )
     mergeable: ClassVar[bool] = False
     structure_preserving: ClassVar[bool] = False
     inference_overhead: ClassVar[bool] = True

@@ -25,7 +25,7 @@ class Wrapper(nn.Module):
         super().__init__()
         self.base = base
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - nn.Module's own signature
+    def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -57,7 +57,7 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def wrap(model: nn.Module, path: str, factory) -> Wrapper:  # noqa: ANN001 - any callable
+def wrap(model: nn.Module, path: str, factory) -> Wrapper:
     """Replace the module at ``path`` by ``factory(original)`` and return the wrapper."""
     wrapper = factory(get_submodule(model, path))
     replace_module(model, path, wrapper)

@@ -31,7 +31,9 @@ class AdapterConfig(MethodConfig):
             raise ValueError(f"adapter dim must be >= 1, got {self.dim}")
         bad = set(self.positions) - {"attn", "mlp"}
         if bad or not self.positions:
-            raise ValueError(f"adapter positions must be among ('attn', 'mlp'), got {self.positions}")
+            raise ValueError(
+                f"adapter positions must be among ('attn', 'mlp'), got {self.positions}"
+            )
 
 
 class BlockAdapterMethod(Method):
@@ -53,9 +55,13 @@ class BlockAdapterMethod(Method):
         view.require("blocks", *self.positions(), method=self.name)
         for i in range(view.depth):
             for pos in self.positions():
-                wrap(model, view.block_part(i, pos),
-                     lambda m, d=view.block_dims[i]: Bypass(m, self.branch(d), self.parallel,
-                                                            self.config.scale))
+                wrap(
+                    model,
+                    view.block_part(i, pos),
+                    lambda m, d=view.block_dims[i]: Bypass(
+                        m, self.branch(d), self.parallel, self.config.scale
+                    ),
+                )
 
 
 @register

@@ -24,8 +24,10 @@ from vpeft.registry import register
 class VPTConfig(MethodConfig):
     num_tokens: int = option(10, "Prompt tokens per layer.")
     dropout: float = option(0.0, "Dropout on the prompt tokens.")
-    init: str = option("uniform", "'uniform' (VPT's Xavier-style bound over patch and width) or "
-                                  "'normal' (std 0.02).")
+    init: str = option(
+        "uniform",
+        "'uniform' (VPT's Xavier-style bound over patch and width) or 'normal' (std 0.02).",
+    )
 
     def validate(self) -> None:
         if self.num_tokens < 1:
@@ -41,8 +43,16 @@ class PromptBlock(Wrapper):
     from the block's output (set on the last block).
     """
 
-    def __init__(self, base: nn.Module, prompt: torch.Tensor | None, num_prefix: int,
-                 num_tokens: int, insert: bool, remove: bool, dropout: float) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        prompt: torch.Tensor | None,
+        num_prefix: int,
+        num_tokens: int,
+        insert: bool,
+        remove: bool,
+        dropout: float,
+    ) -> None:
         super().__init__(base)
         self.prompt = nn.Parameter(prompt) if prompt is not None else None
         self.num_prefix, self.num_tokens = num_prefix, num_tokens
@@ -53,11 +63,11 @@ class PromptBlock(Wrapper):
         p, n = self.num_prefix, self.num_tokens
         if self.prompt is not None:
             prompt = self.dropout(self.prompt).expand(x.shape[0], -1, -1)
-            rest = x[:, p:] if self.insert else x[:, p + n:]
+            rest = x[:, p:] if self.insert else x[:, p + n :]
             x = torch.cat([x[:, :p], prompt.to(x.dtype), rest], dim=1)
         x = self.base(x, *args, **kwargs)
         if self.remove:
-            x = torch.cat([x[:, :p], x[:, p + n:]], dim=1)
+            x = torch.cat([x[:, :p], x[:, p + n :]], dim=1)
         return x
 
 
@@ -85,9 +95,19 @@ class VPT(Method):
             if not prompted and i != last:
                 continue
             prompt = self.init_prompt(view.block_dims[i], view) if prompted else None
-            wrap(model, view.blocks[i], lambda b, i=i, pr=prompt: PromptBlock(
-                b, pr, view.num_prefix_tokens, cfg.num_tokens, insert=i == 0, remove=i == last,
-                dropout=cfg.dropout))
+            wrap(
+                model,
+                view.blocks[i],
+                lambda b, i=i, pr=prompt: PromptBlock(
+                    b,
+                    pr,
+                    view.num_prefix_tokens,
+                    cfg.num_tokens,
+                    insert=i == 0,
+                    remove=i == last,
+                    dropout=cfg.dropout,
+                ),
+            )
 
 
 @dataclass

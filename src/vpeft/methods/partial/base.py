@@ -29,9 +29,7 @@ class Specification(Method):
         mark_trainable(self.select(model, view))
 
 
-def backbone_params(model: nn.Module, view: BackboneView):  # noqa: ANN201 - iterator of pairs
+def backbone_params(model: nn.Module, view: BackboneView):
     """``(name, parameter)`` of everything but the classifier heads."""
     heads = tuple(h + "." for h in view.heads)
     return ((n, p) for n, p in model.named_parameters() if not n.startswith(heads))
-
-

@@ -30,6 +30,7 @@ class BitFit(Specification):
         norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
         norm_bias = {id(m.bias) for m in model.modules() if isinstance(m, norm_types)}
         return [
-            p for n, p in backbone_params(model, view)
+            p
+            for n, p in backbone_params(model, view)
             if n.endswith("bias") and (self.config.norms or id(p) not in norm_bias)
         ]

@@ -27,6 +27,7 @@ class Linear(Specification):
 
     name = "linear"
     config_cls = LinearConfig
+    memory_saving = True  # nothing before the head trains: no backward through the backbone
 
     def select(self, model: nn.Module, view: BackboneView) -> list[nn.Parameter]:
         view.require("heads", method=self.name)

@@ -25,11 +25,15 @@ from vpeft.registry import register
 @dataclass
 class LoRAConfig(MethodConfig):
     rank: int = option(8, "Rank r of the update B @ A.")
-    alpha: float | None = option(None, "Scale numerator: the update is alpha / r * B @ A "
-                                       "(default: alpha = r, i.e. scale 1).")
+    alpha: float | None = option(
+        None, "Scale numerator: the update is alpha / r * B @ A (default: alpha = r, i.e. scale 1)."
+    )
     dropout: float = option(0.0, "Dropout on the LoRA branch's input.")
-    targets: tuple[str, ...] = option(("qkv",), "Linear layers to adapt, by name pattern "
-                                                "(glob on the dotted name or its suffix; 're:' for regex).")
+    targets: tuple[str, ...] = option(
+        ("qkv",),
+        "Linear layers to adapt, by name pattern "
+        "(glob on the dotted name or its suffix; 're:' for regex).",
+    )
     qkv: str = option("qv", "Which of q, k, v get an update on fused qkv layers.")
 
     def validate(self) -> None:
@@ -52,26 +56,30 @@ class LoRALinear(LinearUpdate):
     slice of the output then gets its own ``B``.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float,
-                 parts: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, scale: float, dropout: float, parts: list[tuple[int, int]]
+    ) -> None:
         super().__init__(base)
         self.rank, self.scale, self.parts = rank, scale, parts
         self.lora_A = nn.Parameter(base.weight.new_empty(rank * len(parts), base.in_features))
         self.lora_B = nn.Parameter(base.weight.new_zeros(sum(e - s for s, e in parts), rank))
         for i in range(len(parts)):
-            lowrank_(self.lora_A.data[i * rank:(i + 1) * rank])
+            lowrank_(self.lora_A.data[i * rank : (i + 1) * rank])
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.full = parts == [(0, base.out_features)]
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         u = F.linear(self.dropout(x) if self.dropout is not None else x, self.lora_A)  # (..., P*r)
         if self.full:
-            return torch.addmm(y.flatten(0, -2), u.flatten(0, -2), self.lora_B.t(),
-                               alpha=self.scale).view_as(y)
+            return torch.addmm(
+                y.flatten(0, -2), u.flatten(0, -2), self.lora_B.t(), alpha=self.scale
+            ).view_as(y)
         r, row = self.rank, 0
         for i, (s, e) in enumerate(self.parts):
             # y is the Linear's output, not saved for its backward: safe to update in place
-            y[..., s:e] += self.scale * F.linear(u[..., i * r:(i + 1) * r], self.lora_B[row:row + e - s])
+            y[..., s:e] += self.scale * F.linear(
+                u[..., i * r : (i + 1) * r], self.lora_B[row : row + e - s]
+            )
             row += e - s
         return y
 
@@ -79,7 +87,9 @@ class LoRALinear(LinearUpdate):
         delta = torch.zeros_like(self.base.weight)
         r, row = self.rank, 0
         for i, (s, e) in enumerate(self.parts):
-            delta[s:e] = self.scale * self.lora_B[row:row + e - s] @ self.lora_A[i * r:(i + 1) * r]
+            delta[s:e] = (
+                self.scale * self.lora_B[row : row + e - s] @ self.lora_A[i * r : (i + 1) * r]
+            )
             row += e - s
         return delta
 

@@ -23,10 +23,14 @@ TARGET_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm)
 
 @dataclass
 class SSFConfig(MethodConfig):
-    targets: tuple[str, ...] = option((), "Modules to follow with scale and shift, by name pattern; "
-                                          "empty = every Linear, Conv2d and LayerNorm of the backbone.")
-    init_std: float = option(0.02, "Scale ~ N(1, std), shift ~ N(0, std) as in the paper; "
-                                   "0 starts as the identity.")
+    targets: tuple[str, ...] = option(
+        (),
+        "Modules to follow with scale and shift, by name pattern; "
+        "empty = every Linear, Conv2d and LayerNorm of the backbone.",
+    )
+    init_std: float = option(
+        0.02, "Scale ~ N(1, std), shift ~ N(0, std) as in the paper; 0 starts as the identity."
+    )
 
 
 def _channels(m: nn.Module) -> int:
@@ -63,7 +67,7 @@ class SSF(Method):
             if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:
                 raise ValueError(f"ssf cannot fold into {path}: LayerNorm without affine weights")
             dim = 1 if isinstance(m, nn.Conv2d) else -1
-            wrap(model, path, lambda b, c=_channels(m), d=dim: ScaleShift(b, c, d, cfg.init_std))
+            wrap(model, path, lambda b, d=dim: ScaleShift(b, _channels(b), d, cfg.init_std))
 
     @property
     def zero_init(self) -> bool:  # type: ignore[override]

@@ -1,0 +1,181 @@
+"""The shared method matrix: every registered method x tiny backbones, the same checks for all.
+
+A method joins by adding a row in ``tests/rows/`` (its options and closed-form parameter count).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vpeft
+from vpeft.core.surgery import NotMergeableError
+
+from conftest import NUM_CLASSES, TINY_DIMS, tiny_model
+from rows import Dims, Row, all_rows
+
+ROWS = all_rows()
+CASES = [pytest.param(r, b, id=f"{r.id}-{b}") for r in ROWS for b in r.backbones]
+PREFIX = {"vit": 1, "deit-distilled": 2, "vit-avgpool-reg": 2}
+
+
+def dims(kind: str) -> Dims:
+    side = TINY_DIMS["img_size"] // TINY_DIMS["patch_size"]
+    return Dims(
+        D=TINY_DIMS["embed_dim"],
+        L=TINY_DIMS["depth"],
+        H=4 * TINY_DIMS["embed_dim"],
+        heads=TINY_DIMS["num_heads"],
+        prefix=PREFIX[kind],
+        patches=side * side,
+        patch=TINY_DIMS["patch_size"],
+        img=TINY_DIMS["img_size"],
+    )
+
+
+def images(n: int = 4, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, TINY_DIMS["img_size"], TINY_DIMS["img_size"], generator=g)
+
+
+def adapted(row: Row, kind: str) -> torch.nn.Module:
+    return vpeft.adapt(tiny_model(kind), row.method, **row.options)
+
+
+def train_steps(model: torch.nn.Module, steps: int = 3) -> None:
+    """A few AdamW steps on a fixed batch, so every trainable tensor moves off its init."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = images(8), torch.arange(8) % NUM_CLASSES
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+def test_every_method_has_a_row():
+    covered = {r.method for r in ROWS}
+    missing = [m.name for m in vpeft.list_methods() if m.name not in covered]
+    assert not missing, f"methods without a row in tests/rows/: {missing}"
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_forward_shape_and_zero_init(row: Row, kind: str):
+    base = tiny_model(kind)
+    model = adapted(row, kind).eval()
+    x = images()
+    with torch.no_grad():
+        out, ref = model(x), base(x)
+    assert out.shape == (4, NUM_CLASSES)
+    assert torch.isfinite(out).all()
+    zero_init = (
+        row.zero_init if row.zero_init is not None else vpeft.get_state(model).method.zero_init
+    )
+    if zero_init:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_only_method_params_and_head_train(row: Row, kind: str):
+    model = adapted(row, kind)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(images(8)), torch.arange(8) % NUM_CLASSES)
+    loss.backward()
+    for n, p in model.named_parameters():
+        if n not in trainable:
+            assert p.grad is None, f"frozen parameter {n} got a gradient"
+    model.zero_grad()
+    train_steps(model)
+    after = model.state_dict()
+    params = dict(model.named_parameters())
+    for k, v in after.items():
+        if k in trainable:
+            assert not torch.equal(v, before[k]), f"trainable {k} did not change"
+        elif k in params or v.is_floating_point():
+            assert torch.equal(v, before[k]), f"frozen {k} changed"
+    head = vpeft.get_state(model).head_keys
+    assert trainable & head, "the head must train by default"
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_parameter_count_matches_closed_form(row: Row, kind: str):
+    model = adapted(row, kind)
+    s = vpeft.summary(model)
+    assert s.trainable_no_head == row.count(dims(kind))
+    head = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n in vpeft.get_state(model).head_keys and p.requires_grad
+    )
+    assert s.trainable == s.trainable_no_head + head
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_save_load_round_trip(row: Row, kind: str, tmp_path):
+    model = adapted(row, kind)
+    train_steps(model, steps=1)
+    vpeft.save(model, tmp_path / "adapter")
+    restored = vpeft.load(tiny_model(kind), tmp_path / "adapter").eval()
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+    saved = vpeft.read_config(tmp_path / "adapter")
+    assert saved["method"] == row.method
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_merge_and_characteristics(row: Row, kind: str):
+    base = tiny_model(kind)
+    model = adapted(row, kind)
+    method = vpeft.get_state(model).method
+    train_steps(model, steps=2)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+    base_types = [(n, type(m)) for n, m in base.named_modules()]
+    if not method.mergeable:
+        with pytest.raises(NotMergeableError):
+            vpeft.merge(model)
+        assert method.inference_overhead, "a method that is not mergeable has inference overhead"
+        if not method.structure_preserving:
+            assert [(n, type(m)) for n, m in model.named_modules()] != base_types
+        return
+    merged = vpeft.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(x), ref), "merge() must leave the adapted model as it was"
+    if method.structure_preserving:
+        assert [(n, type(m)) for n, m in merged.named_modules()] == base_types
+        plain = tiny_model(kind)
+        plain.load_state_dict(merged.state_dict(), strict=True)  # loadable by timm alone
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), ref, rtol=1e-5, atol=1e-5)
+    restored = vpeft.unmerge(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), ref, rtol=1e-5, atol=1e-5)
+    assert [(n, type(m)) for n, m in restored.named_modules()] == [
+        (n, type(m)) for n, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_memory_saving_claim(row: Row, kind: str):
+    """``memory_saving`` <=> no block output needs a gradient (no activation kept for backward)."""
+    model = adapted(row, kind)
+    view = vpeft.get_view(model)
+    flags: list[bool] = []
+    hooks = [
+        model.get_submodule(b).register_forward_hook(
+            lambda m, i, o: flags.append(bool(o.requires_grad))
+        )
+        for b in view.blocks
+    ]
+    model.train()
+    model(images(2))
+    for h in hooks:
+        h.remove()
+    assert flags, "blocks did not run"
+    assert (not any(flags)) == vpeft.get_state(model).method.memory_saving
