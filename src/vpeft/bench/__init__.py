@@ -1,0 +1,1 @@
+"""Measuring methods: profiles (parameters, FLOPs, latency, step time, memory), suites, reports."""

@@ -1,0 +1,251 @@
+"""Profile methods on one backbone: parameters, FLOPs, inference latency, step time and memory.
+
+Timings are medians of repeated runs after warm-up, taken in one process and *interleaved* (one
+run of each candidate per round), so that drifting machine load hits every candidate alike; they
+are reported as ratios to the base model (latency) and to the *floor* (step time): the frozen
+backbone's forward plus the backward that carries gradients to the tokens entering the first
+block, without any weight gradient. Every method that trains something inside the first block
+pays at least that.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import vpeft
+from vpeft.backbones.factory import create_backbone
+
+
+@dataclass
+class ProfileSpec:
+    """What to profile; also the argument of the memory probe subprocess (as JSON)."""
+
+    model: str = "deit_tiny_patch16_224"
+    weights: str | None = None
+    batch_size: int = 32
+    img_size: int = 224
+    num_classes: int = 10
+    warmup: int = 2
+    repeats: int = 7
+    threads: int | None = None
+    device: str = "auto"
+    memory: bool = True  # peak training memory (a fresh subprocess per method on CPU)
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def build(spec: ProfileSpec, method: str | None = None, **options: Any) -> nn.Module:
+    model = create_backbone(
+        spec.model,
+        spec.weights,
+        spec.num_classes,
+        spec.img_size,
+        pretrained=spec.weights is not None,
+        **spec.model_args,
+    )
+    if method is not None:
+        vpeft.adapt(model, method, **options)
+    return model.to(spec.resolved_device())
+
+
+def batch(spec: ProfileSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=g)
+    y = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g)
+    dev = spec.resolved_device()
+    return x.to(dev), y.to(dev)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def flops_per_image(model: nn.Module, img_size: int) -> float:
+    """Forward FLOPs for one image, by PyTorch's own FLOP counter."""
+    p = next(model.parameters())
+    x = torch.zeros(1, 3, img_size, img_size, device=p.device, dtype=p.dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(x)
+    return float(counter.get_total_flops())
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One AdamW step of ``model`` on a fixed batch (the optimiser lives in the closure)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """Forward of the frozen ``model`` plus backward to the tokens entering the first block."""
+    view = vpeft.get_view(model)
+    view.require("blocks", method="floor")
+    model.requires_grad_(False).train()
+    model.get_submodule(view.blocks[0]).register_forward_pre_hook(
+        lambda m, args: (args[0].detach().requires_grad_(True), *args[1:])
+    )
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+
+    return step
+
+
+def static_profile(spec: ProfileSpec, method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Parameter counts and FLOPs of one method (no timing)."""
+    model = build(spec, method, **options)
+    s = vpeft.summary(model)
+    row: dict[str, Any] = {
+        "method": method,
+        "options": options,
+        "trainable_params": s.trainable,
+        "trainable_params_no_head": s.trainable_no_head,
+        "added_params": s.added,
+        "total_params": s.total,
+        "gflops_per_image": flops_per_image(model, spec.img_size) / 1e9,
+    }
+    return row
+
+
+def peak_memory_mb(spec: ProfileSpec, method: str | None, options: dict[str, Any]) -> dict:
+    """Peak training memory: CUDA max allocated in-process; on CPU, a fresh subprocess's RSS."""
+    job = {"spec": asdict(spec), "method": method, "options": options}
+    if spec.resolved_device().type == "cuda":
+        return _probe(job)
+    out = subprocess.run(
+        [sys.executable, "-m", "vpeft.bench.memory_probe", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe for {method} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe(job: dict) -> dict:
+    """Build, then run two training steps; report the peak memory of the steps."""
+    spec = ProfileSpec(**job["spec"])
+    dev = spec.resolved_device()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model = build(spec, job["method"], **job["options"]) if job["method"] else build(spec)
+    x, y = batch(spec)
+    step = train_step(model, x, y) if job["method"] else floor_step(model, x, y)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        step()
+        step()
+        peak = torch.cuda.max_memory_allocated(dev)
+        return {"peak_memory_mb": peak / 2**20, "peak_above_model_mb": (peak - base) / 2**20}
+    import resource
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_mb": peak / 1024, "peak_above_model_mb": (peak - base) / 1024}
+
+
+def profile(
+    spec: ProfileSpec,
+    methods: list[tuple[str, dict[str, Any]]],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Profile ``methods`` (name, options) against the base model and the floor."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    dev = spec.resolved_device()
+    say = progress or (lambda msg: None)
+    x, y = batch(spec)
+    base = build(spec).eval()
+    rows = []
+    infer: dict[str, Callable[[], Any]] = {"base": lambda: base(x)}
+    steps: dict[str, Callable[[], None]] = {"floor": floor_step(build(spec), x, y)}
+    for name, options in methods:
+        say(f"building {name}")
+        row = static_profile(spec, name, options)
+        model = build(spec, name, **options)
+        impl = vpeft.get_state(model).method
+        adapted = copy.deepcopy(model).eval()
+        infer[f"{name}/adapted"] = lambda m=adapted: m(x)
+        if impl.mergeable:
+            merged = vpeft.merge(adapted).eval()
+            infer[f"{name}/merged"] = lambda m=merged: m(x)
+        steps[name] = train_step(model, x, y)
+        row.update(mergeable=impl.mergeable, memory_saving=impl.memory_saving)
+        rows.append(row)
+    say("timing inference")
+    with torch.no_grad():
+        lat = interleaved_medians(infer, spec.warmup, spec.repeats, dev)
+    say("timing training steps")
+    step_t = interleaved_medians(steps, spec.warmup, spec.repeats, dev)
+    for row in rows:
+        n = row["method"]
+        row["latency_ms"] = 1e3 * lat[f"{n}/adapted"]
+        row["latency_ratio_adapted"] = lat[f"{n}/adapted"] / lat["base"]
+        merged_t = lat.get(f"{n}/merged")
+        row["latency_ratio_merged"] = merged_t / lat["base"] if merged_t else None
+        row["step_ms"] = 1e3 * step_t[n]
+        row["step_ratio_floor"] = step_t[n] / step_t["floor"]
+        if spec.memory:
+            say(f"memory of {n}")
+            row.update(peak_memory_mb(spec, n, row["options"]))
+    floor = {
+        "step_ms": 1e3 * step_t["floor"],
+        "base_latency_ms": 1e3 * lat["base"],
+        "base_gflops_per_image": flops_per_image(base, spec.img_size) / 1e9,
+    }
+    if spec.memory:
+        floor.update(peak_memory_mb(spec, None, {}))
+    return {
+        "spec": asdict(spec),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "floor": floor,
+        "methods": rows,
+    }

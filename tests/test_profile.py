@@ -1,0 +1,108 @@
+"""The profiler measures what it says, on a tiny model (timings are not asserted, only sanity)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import vpeft
+from vpeft.bench.profile import ProfileSpec, floor_step, flops_per_image, profile
+from vpeft.cli import main as cli
+
+from conftest import TINY_DIMS, tiny_model
+
+TINY_ARGS = {k: v for k, v in TINY_DIMS.items() if k != "img_size"}
+
+
+def spec(**kw) -> ProfileSpec:
+    return ProfileSpec(
+        model="vit_tiny_patch16_224",
+        img_size=32,
+        batch_size=4,
+        num_classes=5,
+        warmup=1,
+        repeats=2,
+        model_args=TINY_ARGS,
+        **kw,
+    )
+
+
+def test_profile_reports_counts_flops_and_ratios():
+    result = profile(spec(memory=False), [("lora", {"rank": 2}), ("adapter", {})])
+    lora, adapter = result["methods"]
+    assert lora["trainable_params_no_head"] == 2 * 2 * (2 * 48 + 48 * 2)
+    assert lora["latency_ratio_merged"] is not None and adapter["latency_ratio_merged"] is None
+    assert lora["gflops_per_image"] > result["floor"]["base_gflops_per_image"] > 0
+    assert all(r["step_ratio_floor"] > 0 for r in result["methods"])
+
+
+def test_flop_count_matches_hand_count_for_a_linear_layer():
+    assert (
+        flops_per_image(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 7)), 4)
+        == 2 * 48 * 7
+    )
+
+
+def test_floor_computes_no_weight_gradient_but_reaches_block_zero():
+    model = tiny_model()
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.update(inp=i[0]))
+    step = floor_step(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    step()
+    assert all(p.grad is None for p in model.parameters())
+    assert seen["inp"].requires_grad
+
+
+def test_memory_probe_runs_in_a_subprocess():
+    result = profile(spec(memory=True), [("linear", {})])
+    assert result["methods"][0]["peak_memory_mb"] > 0
+    assert result["floor"]["peak_memory_mb"] > 0
+
+
+def test_cli_profile_writes_json_and_refuses_overwrite(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    argv = [
+        "profile",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--num-classes",
+        "5",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--method",
+        "bitfit",
+        "--out",
+        str(out),
+        "--model-args",
+        *[f"{k}={v}" for k, v in TINY_ARGS.items()],
+    ]
+    assert cli(argv) == 0
+    assert json.loads(out.read_text())["methods"][0]["method"] == "bitfit"
+    assert "bitfit" in capsys.readouterr().out
+    assert cli(argv) == 2  # exists: refused with a message, not overwritten
+
+
+def test_hf_lora_matches_vpeft_lora_on_full_qkv():
+    """The peer baseline computes the same function as vpeft's lora given the same factors."""
+    ours = vpeft.adapt(tiny_model(), "lora", rank=2, qkv="qkv")
+    theirs = vpeft.adapt(tiny_model(), "hf-lora", rank=2)
+    with torch.no_grad():
+        for i in range(2):
+            mine = ours.blocks[i].attn.qkv
+            peer = theirs.blocks[i].attn.qkv
+            a, b = torch.randn_like(peer.lora_A["default"].weight), torch.randn(144, 2)
+            peer.lora_A["default"].weight.copy_(a)
+            peer.lora_B["default"].weight.copy_(b)
+            mine.lora_A.copy_(a.repeat(3, 1))  # vpeft keeps an A per part (q, k, v)
+            mine.lora_B.copy_(b)  # and B's rows in part order, as PEFT's single B
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
