@@ -104,6 +104,10 @@ def flops_per_image(model: nn.Module, img_size: int) -> float:
     return float(counter.get_total_flops())
 
 
+def module_types(model: nn.Module) -> list[tuple[str, type]]:
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One AdamW step of ``model`` on a fixed batch (the optimiser lives in the closure)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -216,7 +220,12 @@ def profile(
             merged = vpeft.merge(adapted).eval()
             infer[f"{name}/merged"] = lambda m=merged: m(x)
         steps[name] = train_step(model, x, y)
-        row.update(mergeable=impl.mergeable, memory_saving=impl.memory_saving)
+        deployed = merged if impl.mergeable else adapted
+        row.update(
+            mergeable=impl.mergeable,
+            memory_saving=impl.memory_saving,
+            structure_preserved=module_types(deployed) == module_types(base),
+        )
         rows.append(row)
     say("timing inference")
     with torch.no_grad():

@@ -1,0 +1,271 @@
+"""Turn a folder of run results into a Markdown report, CSV tables and PNG plots.
+
+Reads every ``results.json`` below the folder (one per method x task x seed) and, if present,
+``profile.json`` (from ``vpeft profile``) for step time, memory and the measured characteristics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vpeft.bench.suites import TASK_GROUP
+from vpeft.core.checkpoint import atomic_write_text
+
+
+def collect(results_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(results_dir.rglob("results.json")):
+        r = json.loads(path.read_text())
+        r.setdefault("task", Path(r.get("data", path.parent.name)).name)
+        r.setdefault("label", r.get("method"))
+        r.setdefault("group", TASK_GROUP.get(r["task"], "other"))
+        rows.append(r)
+    if not rows:
+        raise FileNotFoundError(f"no results.json below {results_dir}")
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method: per-task mean/std over seeds, mean over tasks, per-group means."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    params: dict[str, tuple[int, int]] = {}
+    groups: dict[str, str] = {}
+    for r in rows:
+        by[r["label"]][r["task"]].append(float(r["top1"]))
+        params[r["label"]] = (r["trainable_params"], r["trainable_params_no_head"])
+        groups[r["task"]] = r["group"]
+    tasks = sorted(groups, key=lambda t: (groups[t], t))
+    out: dict[str, Any] = {"tasks": tasks, "groups": groups, "methods": {}}
+    for label, per_task in by.items():
+        stats = {t: (*_mean_std(v), len(v)) for t, v in per_task.items()}
+        complete = all(t in stats for t in tasks)
+        means = [stats[t][0] for t in tasks if t in stats]
+        group_means = {}
+        for g in sorted(set(groups.values())):
+            vals = [stats[t][0] for t in tasks if groups[t] == g and t in stats]
+            if vals:
+                group_means[g] = statistics.fmean(vals)
+        out["methods"][label] = {
+            "tasks": stats,
+            "mean_tasks": statistics.fmean(means) if complete else None,
+            "mean_groups": statistics.fmean(group_means.values()) if complete else None,
+            "groups": group_means,
+            "trainable_params": params[label][0],
+            "trainable_params_no_head": params[label][1],
+        }
+    return out
+
+
+def pareto(points: list[tuple[float, float, str]]) -> set[str]:
+    """Labels on the front: no other point has fewer (or equal) params and higher accuracy."""
+    front, best = set(), -math.inf
+    for _params, acc, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.add(label)
+            best = acc
+    return front
+
+
+def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
+    tasks, groups = agg["tasks"], agg["groups"]
+    gnames = sorted(set(groups.values()))
+    head = [
+        "method",
+        *tasks,
+        "mean (tasks)",
+        "mean (groups)",
+        *[f"{g} mean" for g in gnames],
+        "trainable M",
+        "trainable M (no head)",
+    ]
+    lines = [
+        "# vpeft benchmark report",
+        "",
+        "Top-1 (%) on each task's test split, mean ± std over seeds (n = seeds). "
+        "*mean (tasks)* is the plain mean over tasks; *mean (groups)* the mean of the "
+        "per-group means (VTAB-1k convention). Hyper-parameters were chosen on val200 only.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for label, m in sorted(agg["methods"].items(), key=lambda kv: kv[1]["trainable_params"]):
+        cells = [label]
+        for t in tasks:
+            if t in m["tasks"]:
+                mu, sd, n = m["tasks"][t]
+                cells.append(f"{mu:.1f} ± {sd:.1f} (n={n})")
+            else:
+                cells.append("-")
+        cells += [
+            _f(m["mean_tasks"]),
+            _f(m["mean_groups"]),
+            *[_f(m["groups"].get(g)) for g in gnames],
+            f"{m['trainable_params'] / 1e6:.4f}",
+            f"{m['trainable_params_no_head'] / 1e6:.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if profile:
+        lines += [
+            "",
+            "## Characteristics, measured",
+            "",
+            f"From `vpeft profile` on {profile['device']} ({profile['threads']} threads), "
+            f"batch {profile['spec']['batch_size']}, {profile['spec']['img_size']} px. "
+            "Structure preserved: the deployed (merged where mergeable) model has exactly "
+            "the base model's modules. Overhead: deployed latency / base latency.",
+            "",
+            "| method | added params | structure preserved | inference overhead (x base) |"
+            " step time (x floor) | peak train memory (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in profile["methods"]:
+            lat = r["latency_ratio_merged"] or r["latency_ratio_adapted"]
+            lines.append(
+                f"| {r['method']} | {r['added_params']:,} | "
+                f"{'yes' if r.get('structure_preserved') else 'no'} | {lat:.3f} | "
+                f"{r['step_ratio_floor']:.3f} | {_f(r.get('peak_memory_mb'), '.0f')} |"
+            )
+    lines += [
+        "",
+        "Plots: `accuracy_vs_params.png`, `heatmap.png`"
+        + (", `cost.png`" if profile else "")
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def write_csv(agg: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [
+                "method",
+                "task",
+                "group",
+                "top1_mean",
+                "top1_std",
+                "seeds",
+                "trainable_params",
+                "trainable_params_no_head",
+            ]
+        )
+        for label, m in agg["methods"].items():
+            for t, (mu, sd, n) in m["tasks"].items():
+                w.writerow(
+                    [
+                        label,
+                        t,
+                        agg["groups"][t],
+                        f"{mu:.4f}",
+                        f"{sd:.4f}",
+                        n,
+                        m["trainable_params"],
+                        m["trainable_params_no_head"],
+                    ]
+                )
+
+
+def plots(agg: dict[str, Any], profile: dict[str, Any] | None, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    methods = agg["methods"]
+    pts = [
+        (max(m["trainable_params_no_head"], 1), m["mean_tasks"], k)
+        for k, m in methods.items()
+        if m["mean_tasks"] is not None
+    ]
+    front = pareto(pts)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p, acc, label in pts:
+        on = label in front
+        ax.scatter(
+            p,
+            acc,
+            s=60 if on else 30,
+            marker="*" if on else "o",
+            color="tab:red" if on else "tab:blue",
+            zorder=3,
+        )
+        ax.annotate(label, (p, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fp = sorted((p, a) for p, a, lbl in pts if lbl in front)
+    if fp:
+        ax.plot(*zip(*fp), color="tab:red", lw=1, ls="--", label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters without head (log scale)")
+    ax.set_ylabel("mean top-1 over tasks (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    made.append(_save(fig, out / "accuracy_vs_params.png"))
+
+    tasks, labels = agg["tasks"], sorted(methods, key=lambda k: methods[k]["trainable_params"])
+    grid = [[methods[m]["tasks"].get(t, (math.nan,))[0] for t in tasks] for m in labels]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.0 * len(tasks), 1.0 + 0.45 * len(labels)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white")
+    fig.colorbar(im, ax=ax, label="top-1 (%)")
+    fig.tight_layout()
+    made.append(_save(fig, out / "heatmap.png"))
+
+    if profile:
+        rows = profile["methods"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.8 + 0.4 * len(rows)))
+        names = [r["method"] for r in rows]
+        axes[0].barh(names, [r["step_ratio_floor"] for r in rows], color="tab:blue")
+        axes[0].axvline(1.0, color="k", lw=1, ls="--")
+        axes[0].set_xlabel("training step time (x floor)")
+        mem = [r.get("peak_memory_mb") or 0 for r in rows]
+        axes[1].barh(names, mem, color="tab:orange")
+        axes[1].set_xlabel("peak training memory (MB)")
+        for a in axes:
+            a.invert_yaxis()
+        fig.tight_layout()
+        made.append(_save(fig, out / "cost.png"))
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(results_dir: Path, out: Path, overwrite: bool = False) -> Path:
+    """Aggregate ``results_dir`` and write ``report.md``, ``results.csv`` and plots into ``out``."""
+    target = out / "report.md"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    agg = aggregate(collect(results_dir))
+    prof_path = results_dir / "profile.json"
+    profile = json.loads(prof_path.read_text()) if prof_path.is_file() else None
+    write_csv(agg, out / "results.csv")
+    plots(agg, profile, out)
+    atomic_write_text(target, markdown(agg, profile))
+    return target
