@@ -1,0 +1,80 @@
+"""Rows for pixel prompts, prefixes, query tokens, side networks and unified methods (issue 5)."""
+
+from rows import Dims, Row
+
+
+def _frame(d: Dims, pad: int = 30) -> int:
+    """visual-prompt: 30 px at 224 px, scaled with the side and kept under half of it."""
+    return max(1, min(round(pad * d.img / 224), (d.img - 1) // 2))
+
+
+def _visual_prompt(d: Dims) -> int:
+    p = _frame(d)  # top + bottom (p x W) and left + right (H - 2p x p), per channel
+    return 2 * d.C * p * d.img + 2 * d.C * p * (d.img - 2 * p)
+
+
+def _prefix_reparam(d: Dims, p: int = 4, h: int = 16) -> int:
+    # embedding E (P x D) + Linear(D, h) + Linear(h, L * 2 * D)
+    return p * d.D + (d.D * h + h) + (h * d.L * 2 * d.D + d.L * 2 * d.D)
+
+
+def _side_tune(d: Dims, w: int = 32) -> int:
+    # conv(C -> w, patch x patch) + conv(w -> w, 3 x 3) + Linear(w, D) + alpha
+    return (d.C * w * d.patch**2 + w) + (9 * w * w + w) + (w * d.D + d.D) + 1
+
+
+def _lst(d: Dims, r: int = 8, layer: str = "block") -> int:
+    s = d.D // r
+    downs = (d.L + 1) * (d.D * s + s)  # ladders from the block-0 input and every block output
+    # timm Block(s, qkv_bias): 2 norms, qkv, proj, fc1, fc2 = 12 s^2 + 13 s;
+    # residual MLP: norm, fc1, fc2 = 8 s^2 + 7 s
+    layers = d.L * (12 * s * s + 13 * s if layer == "block" else 8 * s * s + 7 * s)
+    return downs + layers + d.L + 2 * s + (s * d.D + d.D)  # + gates, side norm, up-projection
+
+
+def _noah(d: Dims, adapter: list[int], lora: list[int], prompt: list[int]) -> int:
+    # adapter after the MLP: D -> a -> D with biases; LoRA on qkv: A (r x D) + B (3D x r); prompts
+    return sum((2 * d.D * a + a + d.D if a else 0) + r * 4 * d.D + n * d.D
+               for a, r, n in zip(adapter, lora, prompt))
+
+
+def _glora_layer(out: int, inp: int) -> int:
+    # A, B lora4 (4 (out + in) each); C vector (in); E vector (out); D none (see ROWS)
+    return 8 * (out + inp) + inp + out
+
+
+def _glora(d: Dims) -> int:
+    return d.L * (_glora_layer(3 * d.D, d.D) + _glora_layer(d.D, d.D)
+                  + _glora_layer(d.H, d.D) + _glora_layer(d.D, d.H))
+
+
+def _glora_small(d: Dims) -> int:
+    # qkv and fc2 only; A vector (out), B scalar, C lora2 (2 in + 2), D and E none
+    return d.L * sum(out + 1 + (2 * inp + 2) for out, inp in ((3 * d.D, d.D), (d.D, d.H)))
+
+
+ROWS = [
+    Row("visual-prompt", _visual_prompt),
+    Row("visual-prompt", _visual_prompt, {"init_std": 0.0}, zero_init=True),
+    Row("prefix", lambda d: d.L * 2 * 10 * d.D),  # L x (keys + values) x P x D
+    Row("prefix", _prefix_reparam, {"num_tokens": 4, "reparam_hidden": 16}),
+    # VQT: only the query tokens (L x T x D). The re-created head, C x (D + L T D) + C, lives under
+    # the head's path, so it is in `trainable` but not in `trainable_no_head`.
+    Row("vqt", lambda d: d.L * 10 * d.D),
+    Row("vqt", lambda d: d.L * 2 * d.D, {"num_tokens": 2, "pool": "mean"}),
+    Row("side-tune", _side_tune),
+    Row("side-tune", lambda d: _side_tune(d, 8), {"width": 8, "alpha_init": 0.5}),
+    Row("lst", _lst),
+    Row("lst", lambda d: _lst(d, 4, "mlp"), {"reduction": 4, "side_layer": "mlp"}),
+    Row("noah", lambda d: _noah(d, [8] * d.L, [8] * d.L, [10] * d.L)),
+    Row("noah", lambda d: _noah(d, [1, 0], [0, 4], [5, 0]),
+        {"adapter": (1, 0), "lora": (0, 4), "prompt": (5, 0)}, zero_init=False),
+    Row("noah", lambda d: _noah(d, [4] * d.L, [2] * d.L, [0] * d.L),
+        {"adapter": (4,), "lora": (2,), "prompt": (0,)}, zero_init=True),
+    Row("noah", lambda d: _noah(d, [8] * d.L, [8] * d.L, [10] * d.L), {"supernet": True}),
+    # D is "none": timm's random init leaves every bias at 0, where b * D can never train (D on
+    # non-zero biases is tested in test_methods_issue5.py and on the real DeiT)
+    Row("glora", _glora, {"D": "none"}),
+    Row("glora", _glora_small, {"targets": ("qkv", "fc2"), "A": "vector", "B": "scalar",
+                                "C": "lora2", "D": "none", "E": "none"}),
+]
