@@ -170,3 +170,18 @@ def lowrank_(a: torch.Tensor) -> None:
 
 
 __all__ = ["Bottleneck", "Bypass", "LinearUpdate", "ScaleShift", "activation", "lowrank_"]
+
+
+def share(users: list[nn.Module], name: str, shared: nn.Module) -> None:
+    """Give every module in ``users`` the attribute ``name`` -> ``shared`` (factors that several
+    layers use, as in FacT or KAdaptation).
+
+    Only the first user registers it, so its parameters are saved, counted, moved and optimised
+    once (safetensors also refuses tensors stored twice); the others hold a plain reference,
+    which ``copy.deepcopy`` of the whole model keeps pointing at the one copy.
+    """
+    for i, user in enumerate(users):
+        if i == 0:
+            user.add_module(name, shared)
+        else:
+            object.__setattr__(user, name, shared)

@@ -82,8 +82,10 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     base = base_identity(model)
     base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
     impl = get_method(config.method)(config)
+    was_training = model.training
     freeze(model)
     impl.apply(model, view)
+    model.train(was_training)  # new modules start in training mode; match the model's mode
     if config.train_head:
         for h in view.heads:
             mark_trainable(model.get_submodule(h).parameters())

@@ -1,0 +1,99 @@
+"""DoRA (Liu et al., 2024, arXiv:2402.09353): weight-decomposed low-rank adaptation.
+
+The adapted weight is split into a learned magnitude and a LoRA-updated direction:
+
+    W' = m * (W + s B A) / ||W + s B A||_c
+
+The paper's ``||.||_c`` is the norm of each column of ``W`` written as (in x out), i.e. in PyTorch's
+``(out, in)`` layout the norm over the input dimension of each output row (as HF PEFT computes it).
+``m`` starts at ``||W||_c`` and ``B`` at zero, so the adapted model starts equal to the base. As the
+paper suggests (Sec. 4.3), the norm is treated as a constant in the backward pass by default.
+
+Targets follow LoRA (whose options and helpers this reuses): on a fused ``qkv`` only the chosen
+parts (default q and v) are decomposed, each output row of them with its own magnitude; rows of
+the other parts are untouched. Merging writes ``W'`` into the weight: a plain ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vpeft.backbones.base import BackboneView
+from vpeft.core.config import option
+from vpeft.core.surgery import wrap
+from vpeft.core.targeting import find_modules
+from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, output_parts
+from vpeft.registry import register
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    detach_norm: bool = option(True, "Treat ||W + sBA||_c as a constant in the backward pass "
+                                     "(the paper's memory-saving choice, Sec. 4.3).")
+
+
+class DoRALinear(LoRALinear):
+    """LoRA's update plus a per-row magnitude ``m`` over the normalised direction."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float,
+                 parts: list[tuple[int, int]], detach_norm: bool) -> None:
+        super().__init__(base, rank, scale, dropout, parts)
+        self.detach_norm = detach_norm
+        rows = torch.cat([torch.arange(s, e) for s, e in parts]).to(base.weight.device)
+        self.register_buffer("rows", rows, persistent=False)
+        self.magnitude = nn.Parameter(base.weight.detach()[rows].norm(dim=1))
+        self._folded_norm: torch.Tensor | None = None  # ||W + sBA||_c at fold time, for unfold
+
+    def direction_norm(self) -> torch.Tensor:
+        """``||W + s B A||_c`` of the decomposed rows."""
+        return (self.base.weight + self.delta_weight())[self.rows].norm(dim=1)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = super().update(x, y)  # W x + c + s B A x
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+            norm = self.direction_norm()
+        ratio = torch.ones(y.shape[-1], dtype=y.dtype, device=y.device)
+        ratio = ratio.index_put((self.rows,), (self.magnitude / norm).to(y.dtype))
+        bias = self.base.bias
+        # the magnitude scales the weight, not the bias: (y - c) * m / ||.|| + c
+        return y * ratio if bias is None else torch.addcmul(bias, y - bias, ratio)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        norm = self.direction_norm()
+        w = self.base.weight
+        merged = (w + self.delta_weight())[self.rows] * (self.magnitude / norm)[:, None]
+        w[self.rows] = merged.to(w.dtype)
+        self._folded_norm = norm
+        return self.base
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        if self._folded_norm is None:
+            raise RuntimeError("DoRALinear.unfold called before fold")
+        w = self.base.weight
+        direction = w[self.rows] * (self._folded_norm / self.magnitude)[:, None]
+        w[self.rows] = direction - self.delta_weight()[self.rows]
+        self._folded_norm = None
+
+
+@register
+class DoRA(LoRA):
+    """DoRA: LoRA on the direction of each weight row plus a learned magnitude."""
+
+    name = "dora"
+    config_cls = DoRAConfig
+
+    def apply(self, model: nn.Module, view: BackboneView) -> None:
+        cfg: DoRAConfig = self.config
+        fused = {view.block_part(i, "qkv") for i in range(view.depth)} if view.qkv else set()
+        heads = tuple(h + "." for h in view.heads)
+        for path in find_modules(model, cfg.targets, nn.Linear):
+            if path in view.heads or path.startswith(heads):
+                continue
+            parts = output_parts(model.get_submodule(path).out_features, cfg.qkv, path in fused)
+            wrap(model, path, lambda m, p=parts: DoRALinear(m, cfg.rank, cfg.scale, cfg.dropout,
+                                                            p, cfg.detach_norm))

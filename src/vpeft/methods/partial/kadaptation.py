@@ -1,0 +1,143 @@
+"""KAdaptation (He et al., 2023, arXiv:2203.16329): Kronecker-product weight updates (PHM style).
+
+The update of each adapted weight (default: W_q and W_v, like LoRA) is a sum of ``n`` Kronecker
+products of a small *slow* matrix, shared by all layers, and a low-rank *fast* matrix of its own:
+
+    dW = s * sum_i A_i (x) B_i,      A_i: n x n (shared),   B_i = u_i v_i^T: (d_out/n) x (d_in/n)
+
+Following the official code: n = 32, rank 1 for both the fast ``B_i`` and the slow ``A_i`` (kept as
+rank-1 factors, drawn from U(-0.01, 0.01)), one slow set per kind of weight (q, v), scale
+``s = 160`` (its alpha / r * 5), and a learned bias on the update, shared by q and v of a layer.
+The official code zero-initialises *both* fast factors, which leaves them without gradient; we zero
+``u_i`` only (and draw ``v_i`` as LoRA draws ``A``), so the model still starts equal to the base.
+Merging adds ``dW`` (and the bias) to the weight. ViT-B: 50,176 trainable parameters besides the
+head, as the official README's average (79,699 with the head, minus 29,523 for the head alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vpeft.backbones.base import BackboneView
+from vpeft.core.config import MethodConfig, option
+from vpeft.core.inject import LinearUpdate, lowrank_, share
+from vpeft.core.method import Method
+from vpeft.core.surgery import wrap
+from vpeft.core.targeting import find_modules
+from vpeft.methods.partial.lora import output_parts
+from vpeft.registry import register
+
+
+@dataclass
+class KAdaptationConfig(MethodConfig):
+    n: int = option(32, "Number of Kronecker products, and the size n x n of each slow matrix.")
+    rank: int = option(1, "Rank of each fast matrix B_i = u_i v_i^T.")
+    slow_rank: int = option(1, "Rank of the factorised slow matrices A_i.")
+    scale: float = option(160.0, "Scale s of the update (the official code's alpha / r * 5).")
+    bias: bool = option(True, "Learn a bias on the update (shared by the parts of a fused layer).")
+    targets: tuple[str, ...] = option(("qkv",), "Linear layers to adapt, by name pattern.")
+    qkv: str = option("qv", "Which of q, k, v get an update on fused qkv layers.")
+
+    def validate(self) -> None:
+        if min(self.n, self.rank, self.slow_rank) < 1:
+            raise ValueError("kadaptation n, rank and slow_rank must be >= 1")
+        if not self.qkv or set(self.qkv) - set("qkv"):
+            raise ValueError(f"kadaptation qkv must be a non-empty subset of 'qkv', "
+                             f"got {self.qkv!r}")
+
+
+class SlowWeights(nn.Module):
+    """The shared slow matrices ``A_i = left_i @ right_i`` (n of them, each n x n)."""
+
+    def __init__(self, n: int, rank: int, ref: torch.Tensor) -> None:
+        super().__init__()
+        self.left = nn.Parameter(ref.new_empty(n, n, rank).uniform_(-0.01, 0.01))
+        self.right = nn.Parameter(ref.new_empty(n, rank, n).uniform_(-0.01, 0.01))
+
+    def forward(self) -> torch.Tensor:
+        return self.left @ self.right  # (n, n, n): [i, a, c]
+
+
+class KronLinear(LinearUpdate):
+    """A Linear whose output rows ``parts`` get ``s * sum_i A_i (x) (u_i v_i^T)`` (+ bias)."""
+
+    slow: nn.ModuleDict  # set by share()
+
+    def __init__(self, base: nn.Linear, parts: list[tuple[int, int]], keys: list[str], n: int,
+                 rank: int, scale: float, bias: bool) -> None:
+        super().__init__(base)
+        width = parts[0][1] - parts[0][0]
+        if width % n or base.in_features % n:
+            raise ValueError(f"kadaptation n={n} must divide the layer sizes "
+                             f"({base.in_features} in, {width} per part)")
+        self.parts, self.keys, self.n, self.scale = parts, keys, n, scale
+        ref = base.weight
+        self.fast_u = nn.Parameter(ref.new_zeros(len(parts), n, width // n, rank))
+        self.fast_v = nn.Parameter(ref.new_empty(len(parts), n, rank, base.in_features // n))
+        for v in self.fast_v.data.flatten(0, 1):
+            lowrank_(v)
+        self.kron_bias = nn.Parameter(ref.new_zeros(width)) if bias else None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xs = x.unflatten(-1, (self.n, -1))  # (..., c, l): x as n chunks
+        for j, (s, e) in enumerate(self.parts):
+            t = torch.einsum("...cl,irl->...icr", xs, self.fast_v[j])
+            t = torch.einsum("iac,...icr->...iar", self.slow[self.keys[j]](), t)
+            out = self.scale * torch.einsum("...iar,ikr->...ak", t, self.fast_u[j]).flatten(-2)
+            # y is the Linear's output, not saved for its backward: safe to update in place
+            y[..., s:e] += out if self.kron_bias is None else out + self.kron_bias
+        return y
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = torch.zeros_like(self.base.weight)
+        for j, (s, e) in enumerate(self.parts):
+            fast = self.fast_u[j] @ self.fast_v[j]  # (n, d_out/n, d_in/n)
+            kron = torch.einsum("iac,ikl->akcl", self.slow[self.keys[j]](), fast)
+            delta[s:e] = self.scale * kron.reshape(e - s, -1)
+        return delta
+
+    def delta_bias(self) -> torch.Tensor | None:
+        if self.kron_bias is None:
+            return None
+        db = self.base.weight.new_zeros(self.base.out_features)
+        for s, e in self.parts:
+            db[s:e] = self.kron_bias
+        return db
+
+
+@register
+class KAdaptation(Method):
+    """KAdaptation: Kronecker products of shared slow and low-rank fast matrices."""
+
+    name = "kadaptation"
+    config_cls = KAdaptationConfig
+    family = "partial"
+    subfamily = "reparameterization"
+    mergeable = True
+    structure_preserving = True
+    inference_overhead = False
+    zero_init = True
+
+    def apply(self, model: nn.Module, view: BackboneView) -> None:
+        cfg: KAdaptationConfig = self.config
+        fused = {view.block_part(i, "qkv") for i in range(view.depth)} if view.qkv else set()
+        heads = tuple(h + "." for h in view.heads)
+        plan = []  # (path, parts, slow keys): one slow set per kind of weight, across layers
+        for path in find_modules(model, cfg.targets, nn.Linear):
+            if path in view.heads or path.startswith(heads):
+                continue
+            leaf = path.rpartition(".")[2]
+            parts = output_parts(model.get_submodule(path).out_features, cfg.qkv, path in fused)
+            keys = [f"{leaf}_{c}" for c in "qkv" if c in cfg.qkv] if path in fused else [leaf]
+            plan.append((path, parts, keys))
+        if not plan:
+            return
+        ref = model.get_submodule(plan[0][0]).weight
+        names = dict.fromkeys(k for _, _, keys in plan for k in keys)
+        slow = nn.ModuleDict({k: SlowWeights(cfg.n, cfg.slow_rank, ref) for k in names})
+        wrapped = [wrap(model, path, lambda m, p=parts, k=keys: KronLinear(
+            m, p, k, cfg.n, cfg.rank, cfg.scale, cfg.bias)) for path, parts, keys in plan]
+        share(wrapped, "slow", slow)

@@ -1,0 +1,48 @@
+"""LN-Tune (Qi et al., 2022, arXiv:2211.08682): train the LayerNorm weights and biases only.
+
+Every normalisation layer of the backbone (the blocks' ``norm1``/``norm2`` and the final ``norm`` or
+``fc_norm``) keeps its affine parameters trainable; nothing is added, so merging is a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vpeft.backbones.base import BackboneView
+from vpeft.core.config import MethodConfig
+from vpeft.methods.partial.base import Specification
+from vpeft.registry import register
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+
+
+@dataclass
+class LNTuneConfig(MethodConfig):
+    """LN-Tune has no options of its own."""
+
+
+def norm_params(model: nn.Module, view: BackboneView) -> list[nn.Parameter]:
+    """Affine parameters of every normalisation layer outside the classifier heads."""
+    heads = tuple(h + "." for h in view.heads)
+    return [
+        p for name, m in model.named_modules()
+        if isinstance(m, NORM_TYPES) and name not in view.heads and not name.startswith(heads)
+        for p in m.parameters(recurse=False)
+    ]
+
+
+@register
+class LNTune(Specification):
+    """LN-Tune: train the normalisation layers' scales and shifts."""
+
+    name = "ln-tune"
+    config_cls = LNTuneConfig
+
+    def select(self, model: nn.Module, view: BackboneView) -> list[nn.Parameter]:
+        params = norm_params(model, view)
+        if not params:
+            raise ValueError("ln-tune found no affine normalisation layer in "
+                             f"{type(model).__name__}")
+        return params
