@@ -119,7 +119,6 @@ class Convpass(BlockAdapterMethod):
         grid = getattr(patch_embed, "grid_size", None)
         self._tokens = (view.num_prefix_tokens, tuple(grid) if grid is not None else None)
         super().apply(model, view)
-        model.train(model.training)  # the new bypasses (with dropout) follow the model's mode
 
     def branch(self, dim: int) -> nn.Module:
         cfg: ConvpassConfig = self.config

@@ -82,7 +82,6 @@ class FacTLinear(LinearUpdate):
             self.codes = nn.Parameter(ref.new_empty(n_out, n_in, rank, rank).uniform_(-bound,
                                                                                       bound))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.train(base.training)  # a new module would start in training mode, whatever the model's
 
     def cores(self) -> torch.Tensor:
         """Each slice's ``r x r`` core, ``(n_out, n_in, r, r)``."""

@@ -70,7 +70,6 @@ class RepAdaptedLinear(Wrapper):
         self.up_bias = nn.Parameter(base.weight.new_zeros(dim))
         nn.init.xavier_uniform_(self.down)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.train(base.training)  # a new module would start in training mode, whatever the model's
 
     def dense_up(self) -> torch.Tensor:
         """B as a dense ``(D, h)`` matrix (block-diagonal)."""
