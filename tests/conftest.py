@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
 
@@ -31,12 +33,24 @@ TINY_DIMS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_
 NUM_CLASSES = 5
 
 
-def tiny_model(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
-    """A small random-init timm ViT; the same seed gives the same weights."""
+@functools.cache
+def _tiny_template(kind: str, seed: int) -> torch.nn.Module:
     arch, extra = TINY[kind]
     torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **TINY_DIMS, **extra)
-    return model.eval()
+    return timm.create_model(
+        arch, pretrained=False, num_classes=NUM_CLASSES, **TINY_DIMS, **extra
+    ).eval()
+
+
+def tiny_model(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
+    """A small random-init timm ViT; the same seed gives the same weights.
+
+    A fresh copy of a cached template (building through timm costs ten times more); the global
+    RNG is left seeded with ``seed`` as if the model had just been built.
+    """
+    model = copy.deepcopy(_tiny_template(kind, seed))
+    torch.manual_seed(seed)
+    return model
 
 
 def real_deit(num_classes: int = 10) -> torch.nn.Module:

@@ -1,0 +1,109 @@
+"""Train a PEFT method on a data set, then evaluate it once (the VTAB-1k protocol by default).
+
+Examples:
+  # LoRA on a VTAB-1k task with local DeiT-Tiny weights: train800val200 -> test
+  vpeft train --model deit_tiny_patch16_224 \\
+      --weights ../shared/weights/deit_tiny_patch16_224.fb_in1k.safetensors \\
+      --data ../shared/data/vtab1k/cifar10 --method lora --method-args rank=8 \\
+      --epochs 10 --batch-size 32 --lr 1e-3 --img-size 224 --seed 0 --out runs/cifar10-lora
+
+  # choosing hyper-parameters: train on train800, evaluate on val200 (never on test)
+  vpeft train ... --val --out runs/cifar10-lora-val
+
+  # a linear probe at a lower resolution (position embeddings are resampled)
+  vpeft train --model deit_tiny_patch16_224 --data DIR --method linear --img-size 112 --out runs/x
+
+  # every option from YAML (the names below with underscores); flags override the file
+  vpeft train --config run.yaml --lr 5e-4 --out runs/lr5e-4
+
+  # continue an interrupted run with its saved settings
+  vpeft train --resume --out runs/cifar10-lora
+
+  # two processes: GPUs, or CPU processes over gloo on a machine without a GPU
+  # (--batch-size stays the global batch; `accelerate launch --cpu` starts only one process)
+  accelerate launch --multi_gpu --num_processes 2 -m vpeft.cli train --config run.yaml
+
+Data (--data): a VTAB-1k task folder (<split>.txt list files + classes.txt), image folders
+(<split>/<class>/*.png|jpg) or idx files (train-images-idx3-ubyte.gz ..., e.g. Fashion-MNIST).
+The run folder (--out) receives the adapter (adapter.safetensors; vpeft.load reads it), config.yaml
+(the resolved options; reusable with --config), classes.txt, metrics.jsonl (one line per epoch) and
+results.json (top-1, parameter counts, time, memory). An existing run is never replaced unless
+--overwrite. Defaults follow the usual VTAB-1k recipe (100 epochs, batch 64, AdamW lr 1e-3, wd 1e-4,
+10% warm-up, cosine); on a CPU pass far fewer epochs, and perhaps a smaller --img-size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+from vpeft.engine.config import TrainConfig, read_yaml
+from vpeft.engine.rundir import CONFIG_FILE, RunDir
+
+HELP = "train a method on a data set and evaluate it (writes a run folder)"
+_NOT_OPTIONS = ("command", "verbose", "config", "_run")
+_METAVARS = {"model": "NAME", "method": "NAME", "data": "DIR", "out": "DIR", "weights": "FILE"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
+                   help="read options from this YAML file (keys as below, e.g. batch_size: 32); "
+                        "command-line flags override it")
+    group = p.add_argument_group("training options (also YAML keys)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        required = f.default is MISSING and f.default_factory is MISSING
+        plain = required or kind is dict or f.default is None
+        default = "" if plain else f" (default: {f.default})"
+        need = " (required, unless --config or --resume gives it)" if required else ""
+        help_text = f.metadata.get("help", "") + need + default
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kwargs.update(nargs="+", metavar="KEY=VALUE")
+        else:
+            kwargs.update(type=kind, metavar=_METAVARS.get(f.name, f.name.upper().split("_")[-1]))
+            if f.metadata.get("choices"):
+                kwargs.update(choices=f.metadata["choices"], metavar=None)
+        group.add_argument(flag, **kwargs)
+
+
+def _base_type(hint: Any) -> type:
+    """``int | None`` -> int, ``dict[str, Any]`` -> dict."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is dict:
+        return dict
+    if args and typing.get_origin(hint) is not None:
+        return _base_type(args[0])
+    return hint
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < a resumed run's saved config < ``--config`` YAML < command-line flags."""
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
+    yaml_values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    values = {**yaml_values, **flags}
+    out = values.get("out")
+    if values.get("resume") and out and (RunDir(out).file(CONFIG_FILE)).is_file():
+        saved = read_yaml(RunDir(out).file(CONFIG_FILE))
+        values = {**saved, **values}
+    return TrainConfig.from_dict(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from vpeft.engine import train  # heavy imports only when the command runs
+
+    results = train(config_from_args(args))
+    if PartialState().is_main_process:
+        keys = ("method", "model", "split", "top1", "trainable_params", "train_seconds",
+                "images_per_second")
+        print(json.dumps({k: results[k] for k in keys}))
+    return 0

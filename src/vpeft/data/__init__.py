@@ -1,0 +1,31 @@
+"""Data: VTAB-1k list files, image folders and idx files; preprocessing from the model.
+
+>>> ds = open_dataset("../shared/data/vtab1k/cifar10", "train800val200")
+>>> ds.transform = eval_transform(data_config(model))
+"""
+
+from vpeft.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageDataset,
+    available_splits,
+    open_dataset,
+    read_classes,
+)
+from vpeft.data.idx import IdxError, read_idx, write_idx
+from vpeft.data.transforms import data_config, eval_transform, model_input_size
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "IdxError",
+    "ImageDataset",
+    "available_splits",
+    "data_config",
+    "eval_transform",
+    "model_input_size",
+    "open_dataset",
+    "read_classes",
+    "read_idx",
+    "write_idx",
+]

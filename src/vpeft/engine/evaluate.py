@@ -1,0 +1,112 @@
+"""Evaluation: top-1 of a model on a data set, and of a saved run on any split.
+
+Every process evaluates its share of each batch; ``gather_for_metrics`` collects the logits in
+data set order and drops the padding accelerate adds to the last batch, so each image counts
+exactly once whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+import vpeft
+from vpeft.data import data_config, eval_transform, open_dataset
+from vpeft.engine.model import build_backbone
+from vpeft.engine.rundir import RunDir
+from vpeft.engine.runtime import (
+    make_accelerator,
+    make_loader,
+    progress,
+    resolve_precision,
+    seed_everything,
+)
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class EvalResult:
+    """Top-1 accuracy (percent), mean loss, and the predicted class of every image, in order."""
+
+    top1: float
+    loss: float
+    images: int
+    seconds: float
+    predictions: torch.Tensor
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
+             show_progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Top-1 of ``model`` on a loader prepared by ``accelerator``; every process gets it all."""
+    model.eval()
+    start = time.perf_counter()
+    preds, loss_sum, correct = [], 0.0, 0
+    for images, labels in progress(loader, accelerator, show_progress, desc=desc):
+        with accelerator.autocast():
+            logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits.float().contiguous(), labels))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        pred = logits.argmax(dim=-1)
+        correct += (pred == labels).sum().item()
+        preds.append(pred.cpu())
+    predictions = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    n = len(predictions)
+    return EvalResult(top1=100.0 * correct / max(n, 1), loss=loss_sum / max(n, 1), images=n,
+                      seconds=time.perf_counter() - start, predictions=predictions)
+
+
+def evaluate_run(run: str | Path, data: str | None = None, split: str | None = None,
+                 batch_size: int | None = None, weights: str | None = None,
+                 num_workers: int | None = None, cpu: bool = False,
+                 show_progress: bool = True, predictions: bool = False) -> dict[str, Any]:
+    """Evaluate the adapter saved in run folder ``run`` on ``split`` of ``data``.
+
+    Defaults come from the run's ``config.yaml``: its data folder, its evaluation split, its
+    backbone weights (``weights`` replaces them, e.g. on another machine). With ``predictions``
+    the result also lists the predicted class of every image, in data set order.
+    """
+    folder = RunDir(run)
+    if not folder.file("config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a vpeft run folder (no config.yaml)")
+    meta = vpeft.read_config(run)
+    config = folder.read_config()
+    classes = folder.read_classes()
+    precision = config.precision if torch.cuda.is_available() and not cpu else "no"
+    accelerator = make_accelerator(resolve_precision(precision, cpu), cpu=cpu)
+    seed_everything(config.seed)  # a random-init backbone (no pretrained weights) comes back too
+    model = build_backbone(config.model, meta["base"]["num_classes"], weights or config.weights,
+                            config.pretrained, config.img_size, config.model_args)
+    vpeft.load(model, run)
+    data = data or config.data
+    split = split or config.splits[1]
+    dataset = open_dataset(data, split, classes=classes)
+    dataset.transform = eval_transform(data_config(model, config.img_size))
+    loader = make_loader(dataset, batch_size or config.eval_batch_size or config.batch_size,
+                         num_workers)
+    loader = accelerator.prepare(loader)
+    model.to(accelerator.device)
+    result = evaluate(model, loader, accelerator, show_progress)
+    logger.info("%s on %s/%s: top-1 %.2f%% (%d images)", config.method, data, split, result.top1,
+                result.images)
+    out = {
+        "run": str(run), "method": config.method, "model": config.model, "data": str(data),
+        "split": split, "top1": result.top1, "loss": result.loss, "images": result.images,
+        "seconds": result.seconds, "images_per_second": result.images_per_second,
+    }
+    if predictions:
+        out["predictions"] = result.predictions.tolist()
+    return out

@@ -1,0 +1,48 @@
+"""Build the backbone a run trains: :func:`vpeft.backbones.factory.create_backbone` with the checks
+and messages a command line needs (unknown model names, weights that do not fit, CNN sizes)."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any
+
+import timm
+from torch import nn
+
+from vpeft.backbones.factory import create_backbone
+
+logger = logging.getLogger(__name__)
+
+
+def build_backbone(name: str, num_classes: int, weights: str | None = None,
+                   pretrained: bool = True, img_size: int | None = None,
+                   model_args: dict[str, Any] | None = None) -> nn.Module:
+    """A timm model with a ``num_classes`` head, from local ``weights`` or timm's source.
+
+    ``img_size`` other than the checkpoint's makes timm resample ViT position embeddings while it
+    loads the weights; models without a fixed input size (CNNs) do not take it and ignore it.
+    """
+    args = dict(model_args or {})
+    if img_size is not None and args.get("img_size", img_size) != img_size:
+        raise ValueError(f"img_size {img_size} and model_args img_size={args['img_size']} "
+                         "disagree; give one")
+    size = args.pop("img_size", img_size)
+    if weights and not pretrained:
+        raise ValueError("weights were given but pretrained is off; drop one of them")
+    known = timm.list_models()
+    if name.split(".")[0] not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        raise ValueError(f"unknown timm model '{name}'"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        return create_backbone(name, weights, num_classes, size, pretrained, **args)
+    except TypeError as e:
+        if "img_size" not in str(e) or size is None:
+            raise
+        logger.info("%s takes any input size; img_size %d is used for the data only", name, size)
+        return create_backbone(name, weights, num_classes, None, pretrained, **args)
+    except RuntimeError as e:
+        if weights and ("state_dict" in str(e) or "size mismatch" in str(e)):
+            raise ValueError(f"weights {weights} do not fit {name}: {str(e)[:500]}") from None
+        raise
