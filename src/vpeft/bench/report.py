@@ -22,6 +22,11 @@ def collect(results_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(results_dir.rglob("results.json")):
         r = json.loads(path.read_text())
+        if r.get("split", "test") != "test":  # hyper-parameter runs (val200) are not results
+            continue
+        bench = path.parent / "bench.json"  # task, label and group as the bench runner saw them
+        if bench.is_file():
+            r.update(json.loads(bench.read_text()))
         r.setdefault("task", Path(r.get("data", path.parent.name)).name)
         r.setdefault("label", r.get("method"))
         r.setdefault("group", TASK_GROUP.get(r["task"], "other"))

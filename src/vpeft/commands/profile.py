@@ -75,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
     result = profile(spec, [(n, options) for n in names], progress=lambda m: err.log(m))
     print_table(result)
     if args.out:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
+
+
+def write_json(path: Path, result: dict) -> None:
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
