@@ -69,8 +69,8 @@ def make_config(
         "lr": suite.lr,
         **suite.train,
     }
-    method_args = dict(entry.args)
-    for k, v in setting.items():
+    method_args: dict[str, Any] = {}
+    for k, v in {**entry.args, **setting}.items():  # schedule keys (lr ...) go to the run
         (base if k in TRAIN_FIELDS else method_args)[k] = v
     return TrainConfig.from_dict(
         {

@@ -44,7 +44,7 @@ class MethodEntry:
     """A method in a suite: its options, and an optional grid searched on ``val200``."""
 
     name: str
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)  # method options, or run options (lr)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # e.g. {"lr": [1e-3, 1e-4]}
 
     @property
@@ -109,7 +109,8 @@ def builtin_suites() -> dict[str, Suite]:
         ),
         "quick": Suite(
             name="quick",
-            methods=[MethodEntry(m) for m in SURVEY_METHODS],
+            # one fixed recipe, no search; full fine-tuning gets its usual 10x smaller lr
+            methods=[MethodEntry(m, {"lr": 1e-4} if m == "full" else {}) for m in SURVEY_METHODS],
             epochs=3,
             img_size=112,
             batch_size=32,
