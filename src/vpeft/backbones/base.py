@@ -56,6 +56,10 @@ class BackboneView:
         rel = getattr(self, part, None) or part
         return f"{self.blocks[i]}.{rel}"
 
+    def fused_qkv_paths(self) -> set[str]:
+        """Paths of the blocks' fused q/k/v projections (empty where there are none)."""
+        return {self.block_part(i, "qkv") for i in range(self.depth)} if self.qkv else set()
+
     @property
     def depth(self) -> int:
         return len(self.blocks)

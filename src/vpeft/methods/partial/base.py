@@ -1,6 +1,8 @@
-"""Specification: train a chosen subset of the backbone's own parameters.
+"""Bases of the partial-based methods.
 
-Nothing is added, so the adapted model is the base architecture and merging is a no-op.
+* :class:`Specification`: train a chosen subset of the backbone's own parameters; nothing is
+  added, so the adapted model is the base architecture and merging is a no-op.
+* :class:`Reparameterization`: learn an update of existing weights that folds into them on merge.
 """
 
 from __future__ import annotations
@@ -33,3 +35,14 @@ def backbone_params(model: nn.Module, view: BackboneView):
     """``(name, parameter)`` of everything but the classifier heads."""
     heads = tuple(h + "." for h in view.heads)
     return ((n, p) for n, p in model.named_parameters() if not n.startswith(heads))
+
+
+class Reparameterization(Method):
+    """Base of the methods whose update folds into the weights: no cost after merging."""
+
+    family = "partial"
+    subfamily = "reparameterization"
+    mergeable = True
+    structure_preserving = True
+    inference_overhead = False
+    zero_init = True

@@ -89,7 +89,7 @@ class DoRA(LoRA):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: DoRAConfig = self.config
-        fused = {view.block_part(i, "qkv") for i in range(view.depth)} if view.qkv else set()
+        fused = view.fused_qkv_paths()
         heads = tuple(h + "." for h in view.heads)
         for path in find_modules(model, cfg.targets, nn.Linear):
             if path in view.heads or path.startswith(heads):

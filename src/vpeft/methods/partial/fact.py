@@ -29,8 +29,8 @@ from torch import nn
 from vpeft.backbones.base import BackboneView, MissingPartError
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, lowrank_, share
-from vpeft.core.method import Method
 from vpeft.core.surgery import wrap
+from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
 
@@ -101,15 +101,9 @@ class FacTLinear(LinearUpdate):
         return self.scale * delta.reshape(self.base.out_features, self.base.in_features)
 
 
-class FacT(Method):
+class FacT(Reparameterization):
     """Shared apply of FacT-TT and FacT-TK: every D x D slice of every block, one set of factors."""
 
-    family = "partial"
-    subfamily = "reparameterization"
-    mergeable = True
-    structure_preserving = True
-    inference_overhead = False
-    zero_init = True
     tucker = False
 
     def targets(self, model: nn.Module, view: BackboneView) -> list[str]:

@@ -24,9 +24,9 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, lowrank_, share
-from vpeft.core.method import Method
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
+from vpeft.methods.partial.base import Reparameterization
 from vpeft.methods.partial.lora import output_parts
 from vpeft.registry import register
 
@@ -109,21 +109,15 @@ class KronLinear(LinearUpdate):
 
 
 @register
-class KAdaptation(Method):
+class KAdaptation(Reparameterization):
     """KAdaptation: Kronecker products of shared slow and low-rank fast matrices."""
 
     name = "kadaptation"
     config_cls = KAdaptationConfig
-    family = "partial"
-    subfamily = "reparameterization"
-    mergeable = True
-    structure_preserving = True
-    inference_overhead = False
-    zero_init = True
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: KAdaptationConfig = self.config
-        fused = {view.block_part(i, "qkv") for i in range(view.depth)} if view.qkv else set()
+        fused = view.fused_qkv_paths()
         heads = tuple(h + "." for h in view.heads)
         plan = []  # (path, parts, slow keys): one slow set per kind of weight, across layers
         for path in find_modules(model, cfg.targets, nn.Linear):

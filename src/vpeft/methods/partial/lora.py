@@ -16,9 +16,9 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, lowrank_
-from vpeft.core.method import Method
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
+from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
 
@@ -103,21 +103,15 @@ def output_parts(out_features: int, which: str, fused_qkv: bool) -> list[tuple[i
 
 
 @register
-class LoRA(Method):
+class LoRA(Reparameterization):
     """LoRA: low-rank updates of Linear weights (default: q and v of attention)."""
 
     name = "lora"
     config_cls = LoRAConfig
-    family = "partial"
-    subfamily = "reparameterization"
-    mergeable = True
-    structure_preserving = True
-    inference_overhead = False
-    zero_init = True
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: LoRAConfig = self.config
-        fused = {view.block_part(i, "qkv") for i in range(view.depth)} if view.qkv else set()
+        fused = view.fused_qkv_paths()
         for path in find_modules(model, cfg.targets, nn.Linear):
             if any(path == h or path.startswith(h + ".") for h in view.heads):
                 continue

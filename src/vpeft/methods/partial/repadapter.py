@@ -29,8 +29,8 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView, MissingPartError
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.method import Method
 from vpeft.core.surgery import Wrapper, wrap
+from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
 
@@ -122,17 +122,11 @@ def input_linear(model: nn.Module, view: BackboneView, i: int, part: str) -> str
 
 
 @register
-class RepAdapter(Method):
+class RepAdapter(Reparameterization):
     """RepAdapter: linear group-wise adapters before attention and MLP, merged into qkv / fc1."""
 
     name = "repadapter"
     config_cls = RepAdapterConfig
-    family = "partial"
-    subfamily = "reparameterization"
-    mergeable = True
-    structure_preserving = True
-    inference_overhead = False
-    zero_init = True
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: RepAdapterConfig = self.config

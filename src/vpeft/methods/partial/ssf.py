@@ -13,9 +13,9 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import ScaleShift
-from vpeft.core.method import Method
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
+from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
 TARGET_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm)
@@ -42,16 +42,11 @@ def _channels(m: nn.Module) -> int:
 
 
 @register
-class SSF(Method):
+class SSF(Reparameterization):
     """SSF: learned scale and shift after every operation; folds into the weights."""
 
     name = "ssf"
     config_cls = SSFConfig
-    family = "partial"
-    subfamily = "reparameterization"
-    mergeable = True
-    structure_preserving = True
-    inference_overhead = False
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: SSFConfig = self.config
@@ -70,5 +65,5 @@ class SSF(Method):
             wrap(model, path, lambda b, d=dim: ScaleShift(b, _channels(b), d, cfg.init_std))
 
     @property
-    def zero_init(self) -> bool:  # type: ignore[override]
+    def zero_init(self) -> bool:  # type: ignore[override]  # identity only when init_std == 0
         return self.config.init_std == 0
