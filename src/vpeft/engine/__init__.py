@@ -8,6 +8,8 @@
 
 from vpeft.engine.config import TrainConfig
 from vpeft.engine.evaluate import EvalResult, evaluate, evaluate_run
+from vpeft.engine.search import SearchConfig, search
 from vpeft.engine.train import train
 
-__all__ = ["EvalResult", "TrainConfig", "evaluate", "evaluate_run", "train"]
+__all__ = ["EvalResult", "SearchConfig", "TrainConfig", "evaluate", "evaluate_run", "search",
+           "train"]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import vpeft
 from vpeft.data import data_config, eval_transform, open_dataset
+from vpeft.engine.config import TrainConfig
 from vpeft.engine.model import build_backbone
 from vpeft.engine.rundir import RunDir
 from vpeft.engine.runtime import (
@@ -69,6 +70,22 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
                       seconds=time.perf_counter() - start, predictions=predictions)
 
 
+def load_run(run: str | Path, weights: str | None = None
+             ) -> tuple[nn.Module, TrainConfig, list[str] | None]:
+    """The model of run folder ``run`` (its backbone with its adapter loaded, on the CPU), its
+    config and its class names. ``weights`` replaces the run's backbone weights file."""
+    folder = RunDir(run)
+    if not folder.file("config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a vpeft run folder (no config.yaml)")
+    meta = vpeft.read_config(run)
+    config = folder.read_config()
+    seed_everything(config.seed)  # a random-init backbone (no pretrained weights) comes back too
+    model = build_backbone(config.model, meta["base"]["num_classes"], weights or config.weights,
+                           config.pretrained, config.img_size, config.model_args)
+    vpeft.load(model, run)
+    return model, config, folder.read_classes()
+
+
 def evaluate_run(run: str | Path, data: str | None = None, split: str | None = None,
                  batch_size: int | None = None, weights: str | None = None,
                  num_workers: int | None = None, cpu: bool = False,
@@ -79,18 +96,9 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str | None = N
     backbone weights (``weights`` replaces them, e.g. on another machine). With ``predictions``
     the result also lists the predicted class of every image, in data set order.
     """
-    folder = RunDir(run)
-    if not folder.file("config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a vpeft run folder (no config.yaml)")
-    meta = vpeft.read_config(run)
-    config = folder.read_config()
-    classes = folder.read_classes()
+    model, config, classes = load_run(run, weights)
     precision = config.precision if torch.cuda.is_available() and not cpu else "no"
     accelerator = make_accelerator(resolve_precision(precision, cpu), cpu=cpu)
-    seed_everything(config.seed)  # a random-init backbone (no pretrained weights) comes back too
-    model = build_backbone(config.model, meta["base"]["num_classes"], weights or config.weights,
-                            config.pretrained, config.img_size, config.model_args)
-    vpeft.load(model, run)
     data = data or config.data
     split = split or config.splits[1]
     dataset = open_dataset(data, split, classes=classes)

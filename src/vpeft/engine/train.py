@@ -11,10 +11,12 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import vpeft
 from vpeft.data import data_config, eval_transform, open_dataset
@@ -64,11 +66,14 @@ def resolve(config: TrainConfig, img_size: int, precision: str) -> TrainConfig:
     )
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
+def train(config: TrainConfig,
+          before_step: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
     """Train ``config.method`` on ``config.data``, evaluate once, write the run folder.
 
     Returns what ``results.json`` holds. An existing run in ``config.out`` raises unless
-    ``overwrite`` or ``resume`` is set.
+    ``overwrite`` or ``resume`` is set. ``before_step(model)``, when given, is called with the
+    adapted model before every forward pass and optimiser step, e.g. to draw a random subnet of
+    a NOAH supernet (``vpeft search``); it must act the same on every process.
     """
     precision = resolve_precision(config.precision, config.cpu)
     accelerator = make_accelerator(precision, config.cpu)
@@ -158,6 +163,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         bar = progress(loader, accelerator, config.progress,
                        desc=f"epoch {epoch + 1}/{config.epochs}")
         for images, labels in bar:
+            if before_step is not None:
+                before_step(model)
             logits = net(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
             accelerator.backward(loss)

@@ -1,0 +1,97 @@
+"""NOAH's three stages in one resumable command: supernet, evolutionary search, retraining.
+
+Examples:
+  # search NOAH subnets of at most 100k parameters on a VTAB-1k task
+  vpeft search --model deit_tiny_patch16_224 \\
+      --weights ../shared/weights/deit_tiny_patch16_224.fb_in1k.safetensors \\
+      --data ../shared/data/vtab1k/cifar10 --budget 100000 \\
+      --space adapter=8 lora=8 prompt=10 --supernet-epochs 50 --retrain-epochs 100 \\
+      --search-epochs 20 --population 50 --out runs/cifar10-noah
+
+  # interrupted? run the same command again: finished stages are skipped, the rest continues
+  # start again from scratch: add --overwrite
+
+  vpeft eval --run runs/cifar10-noah    # the result is a normal run folder
+
+Stages (--out RUN):
+  1. RUN/supernet: the NOAH supernet (every module at its largest size) trained on train800, a
+     random subnet drawn before every step; an ordinary run folder that resumes.
+  2. RUN/search.json: evolution over subnets whose trainable parameters (head excluded) are at
+     most --budget, each scored by top-1 on val200 with the supernet's weights; the test split is
+     never used. Holds the chosen subnet, its parameters, every candidate's score, the history.
+  3. RUN: the chosen subnet (`noah` with per-block adapter / lora / prompt sizes) retrained from
+     scratch on train800val200 and evaluated once on test, as `vpeft train` would.
+--epochs and the other training options apply to both training stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+from vpeft.commands.train import _METAVARS, _base_type
+from vpeft.engine.config import TrainConfig, coerce
+from vpeft.engine.search import SearchConfig
+
+HELP = "NOAH: train a supernet, search subnets under a parameter budget, retrain the best"
+# options a search sets itself, per stage
+_FIXED = ("method", "method_args", "val", "overwrite", "resume")
+_COUNTS = ("budget", "population", "select", "mutation", "crossover", "min_params")
+
+
+def _add(group: argparse._ArgumentGroup, cls: type, skip: tuple[str, ...]) -> None:
+    """One flag per dataclass field of ``cls`` (``batch_size`` -> ``--batch-size``)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        required = f.default is MISSING and f.default_factory is MISSING
+        plain = required or kind is dict or f.default is None
+        help_text = (f.metadata.get("help", "") + (" (required)" if required else "")
+                     + ("" if plain else f" (default: {f.default})"))
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kwargs.update(nargs="+", metavar="KEY=VALUE")
+        else:
+            metavar = "N" if f.name in _COUNTS else f.name.upper().split("_")[-1]
+            kwargs.update(type=kind, metavar=_METAVARS.get(f.name, metavar))
+            if f.metadata.get("choices"):
+                kwargs.update(choices=f.metadata["choices"], metavar=None)
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _add(p.add_argument_group("search options"), SearchConfig, ("train",))
+    _add(p.add_argument_group("training options (both training stages)"), TrainConfig, _FIXED)
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    """A :class:`SearchConfig` from the parsed flags (defaults where none was given)."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "_run")}
+    names = {f.name for f in fields(SearchConfig)} - {"train"}
+    hints = typing.get_type_hints(SearchConfig)
+    own = {k: coerce(values.pop(k), hints[k], k) for k in list(values) if k in names}
+    if "budget" not in own:
+        raise ValueError("missing required option(s): --budget")
+    return SearchConfig(train=TrainConfig.from_dict({"method": "noah", **values}), **own)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from vpeft.engine.search import search  # heavy imports only when the command runs
+
+    out = search(config_from_args(args))
+    if PartialState().is_main_process:
+        found, results = out["search"], out["results"]
+        print(json.dumps({"choice": found["choice"], "params": found["params"],
+                          "budget": found["budget"], "val_top1": found["top1"],
+                          "split": results["split"], "top1": results["top1"],
+                          "trainable_params_no_head": results["trainable_params_no_head"]}))
+    return 0
