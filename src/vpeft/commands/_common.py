@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import ast
 from typing import Any
+
+from vpeft.engine.config import parse_kv
 
 
 def parse_key_values(items: list[str] | None, what: str = "--method-args") -> dict[str, Any]:
-    """``["rank=8", "targets=qkv,fc1"]`` -> ``{"rank": 8, "targets": "qkv,fc1"}``.
-
-    Values that read as Python literals (numbers, booleans, lists) are converted; everything else
-    stays a string, which the typed config converts further.
-    """
-    out: dict[str, Any] = {}
-    for item in items or []:
-        for part in item.split() if " " in item.strip() else [item]:
-            key, sep, value = part.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{what} expects KEY=VALUE pairs, got {part!r}")
-            try:
-                out[key.strip()] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[key.strip()] = value
-    return out
+    """``["rank=8", "targets=[qkv,fc1]"]`` -> ``{"rank": 8, "targets": ["qkv", "fc1"]}``."""
+    try:
+        return parse_kv(items or [])
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
