@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,23 +157,42 @@ def static_profile(spec: ProfileSpec, method: str, options: dict[str, Any]) -> d
 
 
 def peak_memory_mb(spec: ProfileSpec, method: str | None, options: dict[str, Any]) -> dict:
-    """Peak training memory: CUDA max allocated in-process; on CPU, a fresh subprocess's RSS."""
+    """Peak training memory of ``method`` (``None``: the floor) in a fresh subprocess.
+
+    ``train_memory_mb`` is the peak during two training steps minus the memory right before them
+    (model, optimiser and batch built): activations kept for backward, gradients, optimiser state
+    and temporaries. On CUDA it is ``max_memory_allocated``; on CPU the resident set, whose peak
+    (``VmHWM``) is reset through ``/proc/self/clear_refs`` before the steps, with glibc told to
+    give large blocks back at once (``MALLOC_MMAP_THRESHOLD_``) so that the peak follows live
+    memory. ``peak_memory_mb`` is the whole process's peak.
+    """
     job = {"spec": asdict(spec), "method": method, "options": options}
-    if spec.resolved_device().type == "cuda":
-        return _probe(job)
-    out = subprocess.run(
-        [sys.executable, "-m", "vpeft.bench.memory_probe", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-m", "vpeft.bench.memory_probe", json.dumps(job)],
+                         capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe for {method} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
 def _probe(job: dict) -> dict:
-    """Build, then run two training steps; report the peak memory of the steps."""
+    """In the subprocess: build, then measure two training steps (the second has AdamW state)."""
     spec = ProfileSpec(**job["spec"])
     dev = spec.resolved_device()
     if spec.threads:
@@ -179,19 +201,25 @@ def _probe(job: dict) -> dict:
     x, y = batch(spec)
     step = train_step(model, x, y) if job["method"] else floor_step(model, x, y)
     if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        step()
-        step()
+        base, how = torch.cuda.memory_allocated(dev), "cuda max_memory_allocated"
+    else:
+        base = _rss_kib("VmRSS") * 1024
+        how = "cpu VmHWM after reset" if _reset_peak_rss() else "cpu whole-process peak"
+    step()
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-        return {"peak_memory_mb": peak / 2**20, "peak_above_model_mb": (peak - base) / 2**20}
-    import resource
-
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mb": peak / 1024, "peak_above_model_mb": (peak - base) / 1024}
+    elif how.endswith("reset"):
+        peak = _rss_kib("VmHWM") * 1024
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mib = 2**20
+    return {"train_memory_mb": (peak - base) / mib, "peak_memory_mb": process / mib,
+            "memory_measure": how}
 
 
 def profile(

@@ -130,7 +130,7 @@ def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
             "the base model's modules. Overhead: deployed latency / base latency.",
             "",
             "| method | added params | structure preserved | inference overhead (x base) |"
-            " step time (x floor) | peak train memory (MB) |",
+            " step time (x floor) | training memory (MB) |",
             "|---|---|---|---|---|---|",
         ]
         for r in profile["methods"]:
@@ -138,7 +138,7 @@ def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
             lines.append(
                 f"| {r['method']} | {r['added_params']:,} | "
                 f"{'yes' if r.get('structure_preserved') else 'no'} | {lat:.3f} | "
-                f"{r['step_ratio_floor']:.3f} | {_f(r.get('peak_memory_mb'), '.0f')} |"
+                f"{r['step_ratio_floor']:.3f} | {_f(r.get('train_memory_mb'), '.0f')} |"
             )
     lines += [
         "",
@@ -243,9 +243,9 @@ def plots(agg: dict[str, Any], profile: dict[str, Any] | None, out: Path) -> lis
         axes[0].barh(names, [r["step_ratio_floor"] for r in rows], color="tab:blue")
         axes[0].axvline(1.0, color="k", lw=1, ls="--")
         axes[0].set_xlabel("training step time (x floor)")
-        mem = [r.get("peak_memory_mb") or 0 for r in rows]
+        mem = [r.get("train_memory_mb") or 0 for r in rows]
         axes[1].barh(names, mem, color="tab:orange")
-        axes[1].set_xlabel("peak training memory (MB)")
+        axes[1].set_xlabel("training memory above the loaded model (MB)")
         for a in axes:
             a.invert_yaxis()
         fig.tight_layout()

@@ -116,6 +116,6 @@ def print_table(result: dict) -> None:
             _fmt(r["latency_ratio_merged"], ".3f"),
             _fmt(r["step_ms"], ".1f"),
             _fmt(r["step_ratio_floor"], ".3f"),
-            _fmt(r.get("peak_memory_mb"), ".0f"),
+            _fmt(r.get("train_memory_mb"), ".0f"),
         )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
