@@ -29,46 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from dataclasses import MISSING, fields
-from typing import Any
+from dataclasses import fields
 
-from vpeft.commands.train import _METAVARS, _base_type
+from vpeft.commands._common import add_dataclass_options
 from vpeft.engine.config import TrainConfig, coerce
 from vpeft.engine.search import SearchConfig
 
 HELP = "NOAH: train a supernet, search subnets under a parameter budget, retrain the best"
 # options a search sets itself, per stage
 _FIXED = ("method", "method_args", "val", "overwrite", "resume")
-_COUNTS = ("budget", "population", "select", "mutation", "crossover", "min_params")
-
-
-def _add(group: argparse._ArgumentGroup, cls: type, skip: tuple[str, ...]) -> None:
-    """One flag per dataclass field of ``cls`` (``batch_size`` -> ``--batch-size``)."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        kind = _base_type(hints[f.name])
-        required = f.default is MISSING and f.default_factory is MISSING
-        plain = required or kind is dict or f.default is None
-        help_text = (f.metadata.get("help", "") + (" (required)" if required else "")
-                     + ("" if plain else f" (default: {f.default})"))
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind is dict:
-            kwargs.update(nargs="+", metavar="KEY=VALUE")
-        else:
-            metavar = "N" if f.name in _COUNTS else f.name.upper().split("_")[-1]
-            kwargs.update(type=kind, metavar=_METAVARS.get(f.name, metavar))
-            if f.metadata.get("choices"):
-                kwargs.update(choices=f.metadata["choices"], metavar=None)
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add(p.add_argument_group("search options"), SearchConfig, ("train",))
-    _add(p.add_argument_group("training options (both training stages)"), TrainConfig, _FIXED)
+    add_dataclass_options(p.add_argument_group("search options"), SearchConfig, ("train",))
+    add_dataclass_options(p.add_argument_group("training options (both training stages)"),
+                          TrainConfig, _FIXED)
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:

@@ -36,52 +36,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import typing
-from dataclasses import MISSING, fields
-from typing import Any
 
+from vpeft.commands._common import add_dataclass_options
 from vpeft.engine.config import TrainConfig, read_yaml
 from vpeft.engine.rundir import CONFIG_FILE, RunDir
 
 HELP = "train a method on a data set and evaluate it (writes a run folder)"
 _NOT_OPTIONS = ("command", "verbose", "config", "_run")
-_METAVARS = {"model": "NAME", "method": "NAME", "data": "DIR", "out": "DIR", "weights": "FILE"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
                    help="read options from this YAML file (keys as below, e.g. batch_size: 32); "
                         "command-line flags override it")
-    group = p.add_argument_group("training options (also YAML keys)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        required = f.default is MISSING and f.default_factory is MISSING
-        plain = required or kind is dict or f.default is None
-        default = "" if plain else f" (default: {f.default})"
-        need = " (required, unless --config or --resume gives it)" if required else ""
-        help_text = f.metadata.get("help", "") + need + default
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind is dict:
-            kwargs.update(nargs="+", metavar="KEY=VALUE")
-        else:
-            kwargs.update(type=kind, metavar=_METAVARS.get(f.name, f.name.upper().split("_")[-1]))
-            if f.metadata.get("choices"):
-                kwargs.update(choices=f.metadata["choices"], metavar=None)
-        group.add_argument(flag, **kwargs)
-
-
-def _base_type(hint: Any) -> type:
-    """``int | None`` -> int, ``dict[str, Any]`` -> dict."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is dict:
-        return dict
-    if args and typing.get_origin(hint) is not None:
-        return _base_type(args[0])
-    return hint
+    add_dataclass_options(p.add_argument_group("training options (also YAML keys)"), TrainConfig,
+                          required_note=" (required, unless --config or --resume gives it)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
