@@ -193,8 +193,8 @@ def plots(agg: dict[str, Any], profile: dict[str, Any] | None, out: Path) -> lis
 
     made = []
     methods = agg["methods"]
-    pts = [
-        (max(m["trainable_params_no_head"], 1), m["mean_tasks"], k)
+    pts = [  # with the head: a linear probe trains only the head, and a log axis has no 0
+        (m["trainable_params"], m["mean_tasks"], k)
         for k, m in methods.items()
         if m["mean_tasks"] is not None
     ]
@@ -216,7 +216,7 @@ def plots(agg: dict[str, Any], profile: dict[str, Any] | None, out: Path) -> lis
         ax.plot(*zip(*fp), color="tab:red", lw=1, ls="--", label="Pareto front")
         ax.legend(loc="lower right")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters without head (log scale)")
+    ax.set_xlabel("trainable parameters, head included (log scale)")
     ax.set_ylabel("mean top-1 over tasks (%)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -228,10 +228,20 @@ def plots(agg: dict[str, Any], profile: dict[str, Any] | None, out: Path) -> lis
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
+    lo, hi = im.get_clim()
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            if not math.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white")
+            if not math.isnan(v):  # dark text on the bright end of viridis, white elsewhere
+                dark = (v - lo) > 0.6 * (hi - lo)
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if dark else "white",
+                )
     fig.colorbar(im, ax=ax, label="top-1 (%)")
     fig.tight_layout()
     made.append(_save(fig, out / "heatmap.png"))
