@@ -98,7 +98,8 @@ def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "",
         "Top-1 (%) on each task's test split, mean ± std over seeds (n = seeds). "
         "*mean (tasks)* is the plain mean over tasks; *mean (groups)* the mean of the "
-        "per-group means (VTAB-1k convention). Hyper-parameters were chosen on val200 only.",
+        "per-group means (VTAB-1k convention). Where a suite searches hyper-parameters, "
+        "the choice is made on val200 only (see each run's choice.json).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
