@@ -86,7 +86,8 @@ def test_cli_profile_writes_json_and_refuses_overwrite(tmp_path, capsys):
         *[f"{k}={v}" for k, v in TINY_ARGS.items()],
     ]
     assert cli(argv) == 0
-    assert json.loads(out.read_text())["methods"][0]["method"] == "bitfit"
+    row = json.loads(out.read_text())["methods"][0]
+    assert row["method"] == "bitfit" and row["step_ms"] > 0
     assert "bitfit" in capsys.readouterr().out
     assert cli(argv) == 2  # exists: refused with a message, not overwritten
 
@@ -107,3 +108,10 @@ def test_hf_lora_matches_vpeft_lora_on_full_qkv():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_profile_without_training_times_only_inference():
+    result = profile(spec(memory=False, train=False), [("lora", {"rank": 2})])
+    row = result["methods"][0]
+    assert row["step_ms"] is None and result["floor"]["step_ms"] is None
+    assert row["latency_ratio_merged"] > 0

@@ -46,6 +46,7 @@ class ProfileSpec:
     threads: int | None = None
     device: str = "auto"
     memory: bool = True  # peak training memory (a fresh subprocess per method on CPU)
+    train: bool = True  # time training steps (against the floor)
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def resolved_device(self) -> torch.device:
@@ -168,8 +169,13 @@ def peak_memory_mb(spec: ProfileSpec, method: str | None, options: dict[str, Any
     """
     job = {"spec": asdict(spec), "method": method, "options": options}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-m", "vpeft.bench.memory_probe", json.dumps(job)],
-                         capture_output=True, text=True, check=False, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "vpeft.bench.memory_probe", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory probe for {method} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -218,8 +224,11 @@ def _probe(job: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mib = 2**20
-    return {"train_memory_mb": (peak - base) / mib, "peak_memory_mb": process / mib,
-            "memory_measure": how}
+    return {
+        "train_memory_mb": (peak - base) / mib,
+        "peak_memory_mb": process / mib,
+        "memory_measure": how,
+    }
 
 
 def profile(
@@ -258,21 +267,23 @@ def profile(
     say("timing inference")
     with torch.no_grad():
         lat = interleaved_medians(infer, spec.warmup, spec.repeats, dev)
-    say("timing training steps")
-    step_t = interleaved_medians(steps, spec.warmup, spec.repeats, dev)
+    step_t: dict[str, float] = {}
+    if spec.train:
+        say("timing training steps")
+        step_t = interleaved_medians(steps, spec.warmup, spec.repeats, dev)
     for row in rows:
         n = row["method"]
         row["latency_ms"] = 1e3 * lat[f"{n}/adapted"]
         row["latency_ratio_adapted"] = lat[f"{n}/adapted"] / lat["base"]
         merged_t = lat.get(f"{n}/merged")
         row["latency_ratio_merged"] = merged_t / lat["base"] if merged_t else None
-        row["step_ms"] = 1e3 * step_t[n]
-        row["step_ratio_floor"] = step_t[n] / step_t["floor"]
+        row["step_ms"] = 1e3 * step_t[n] if step_t else None
+        row["step_ratio_floor"] = step_t[n] / step_t["floor"] if step_t else None
         if spec.memory:
             say(f"memory of {n}")
             row.update(peak_memory_mb(spec, n, row["options"]))
     floor = {
-        "step_ms": 1e3 * step_t["floor"],
+        "step_ms": 1e3 * step_t["floor"] if step_t else None,
         "base_latency_ms": 1e3 * lat["base"],
         "base_gflops_per_image": flops_per_image(base, spec.img_size) / 1e9,
     }

@@ -139,7 +139,7 @@ def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
             lines.append(
                 f"| {r['method']} | {r['added_params']:,} | "
                 f"{'yes' if r.get('structure_preserved') else 'no'} | {lat:.3f} | "
-                f"{r['step_ratio_floor']:.3f} | {_f(r.get('train_memory_mb'), '.0f')} |"
+                f"{_f(r['step_ratio_floor'], '.3f')} | {_f(r.get('train_memory_mb'), '.0f')} |"
             )
     lines += [
         "",
@@ -251,7 +251,7 @@ def plots(agg: dict[str, Any], profile: dict[str, Any] | None, out: Path) -> lis
         rows = profile["methods"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.8 + 0.4 * len(rows)))
         names = [r["method"] for r in rows]
-        axes[0].barh(names, [r["step_ratio_floor"] for r in rows], color="tab:blue")
+        axes[0].barh(names, [r["step_ratio_floor"] or 0 for r in rows], color="tab:blue")
         axes[0].axvline(1.0, color="k", lw=1, ls="--")
         axes[0].set_xlabel("training step time (x floor)")
         mem = [r.get("train_memory_mb") or 0 for r in rows]

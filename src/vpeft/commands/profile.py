@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory probes")
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip training-step timing (latency, FLOPs and counts only)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         memory=not args.no_memory,
+        train=not args.no_train,
         model_args=parse_key_values(args.model_args, "--model-args"),
     )
     err = Console(stderr=True)
@@ -91,7 +97,7 @@ def print_table(result: dict) -> None:
     f = result["floor"]
     table = Table(
         title=f"profile on {result['device']} ({result['threads']} threads); floor step "
-        f"{f['step_ms']:.1f} ms, base latency {f['base_latency_ms']:.1f} ms"
+        f"{_fmt(f['step_ms'], '.1f')} ms, base latency {f['base_latency_ms']:.1f} ms"
     )
     cols = [
         "method",
@@ -102,7 +108,7 @@ def print_table(result: dict) -> None:
         "merged x base",
         "step ms",
         "step x floor",
-        "peak MB",
+        "train MB",
     ]
     for c in cols:
         table.add_column(c, justify="left" if c == "method" else "right")
