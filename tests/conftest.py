@@ -31,6 +31,9 @@ TINY = {
 }
 TINY_DIMS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 NUM_CLASSES = 5
+# the methods of the foundation issue, which every later layer (engine, bench) relies on
+FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer", "vpt-shallow",
+              "vpt-deep"]
 
 
 @functools.cache

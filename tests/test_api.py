@@ -11,7 +11,7 @@ import vpeft
 from vpeft.cli import main as cli
 from vpeft.core.targeting import find_modules
 
-from conftest import tiny_model
+from conftest import FOUNDATION, tiny_model
 
 
 def test_adapt_by_name_or_config_is_the_same():
@@ -207,17 +207,8 @@ def test_cli_methods_json(capsys):
     assert cli(["methods", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     names = {r["name"] for r in rows}
-    assert {
-        "full",
-        "linear",
-        "bitfit",
-        "lora",
-        "ssf",
-        "adapter",
-        "adaptformer",
-        "vpt-shallow",
-        "vpt-deep",
-    } <= names
+    assert {m.name for m in vpeft.list_methods()} == names
+    assert set(FOUNDATION) <= names
     lora = next(r for r in rows if r["name"] == "lora")
     assert lora["family"] == "partial" and lora["mergeable"] is True
 

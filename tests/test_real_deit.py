@@ -7,19 +7,7 @@ import torch
 
 import vpeft
 
-from conftest import real_deit
-
-FOUNDATION = [
-    "full",
-    "linear",
-    "bitfit",
-    "lora",
-    "ssf",
-    "adapter",
-    "adaptformer",
-    "vpt-shallow",
-    "vpt-deep",
-]
+from conftest import FOUNDATION, real_deit
 
 
 @pytest.fixture(scope="module")
