@@ -92,7 +92,10 @@ class LinearUpdate(Wrapper):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.update(x, self.base(x))
+        # on (N, in) rows the Linear's output is a fresh tensor, not a view of one, so updates may
+        # write into it in place without autograd re-basing a view (a copy of the whole output)
+        rows = x.reshape(-1, x.shape[-1])
+        return self.update(rows, self.base(rows)).view(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
@@ -164,12 +167,54 @@ class ScaleShift(Wrapper):
         w.div_(self._weight_view(w))
 
 
+class _AddToSlices(torch.autograd.Function):
+    """``y[..., s:e] += delta`` for each part, in place, with a backward that only hands out views.
+
+    Autograd's own slice assignment (``CopySlices``) clones the whole output gradient and
+    scatters it back for every part; here the gradient of ``y`` is the incoming one, unchanged,
+    and each delta's gradient is a view of its columns, so the backward copies nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, y, parts, *deltas):  # type: ignore[override]
+        for (s, e), d in zip(parts, deltas, strict=True):
+            y[..., s:e] += d
+        ctx.mark_dirty(y)
+        ctx.parts = parts
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, *(grad[..., s:e] for s, e in ctx.parts)
+
+
+def add_to_slices(
+    y: torch.Tensor, parts: list[tuple[int, int]], deltas: list[torch.Tensor]
+) -> torch.Tensor:
+    """Add ``deltas[i]`` to the last-dim columns ``parts[i]`` of ``y`` in place; returns ``y``.
+
+    ``y`` must not be needed by the backward of whatever produced it (true of a Linear's output);
+    autograd checks this and raises if it is. The cheap way for a method to update some output
+    rows of a fused layer (q and v of ``qkv``) without copying gradients.
+    """
+    return _AddToSlices.apply(y, parts, *deltas)
+
+
 def lowrank_(a: torch.Tensor) -> None:
     """LoRA's initialisation of a down-projection (Kaiming-uniform, as nn.Linear)."""
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
 
-__all__ = ["Bottleneck", "Bypass", "LinearUpdate", "ScaleShift", "activation", "lowrank_"]
+__all__ = [
+    "Bottleneck",
+    "Bypass",
+    "LinearUpdate",
+    "ScaleShift",
+    "activation",
+    "add_to_slices",
+    "lowrank_",
+    "share",
+]
 
 
 def share(users: list[nn.Module], name: str, shared: nn.Module) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, lowrank_, share
+from vpeft.core.inject import LinearUpdate, add_to_slices, lowrank_, share
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
@@ -83,13 +83,13 @@ class KronLinear(LinearUpdate):
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xs = x.unflatten(-1, (self.n, -1))  # (..., c, l): x as n chunks
-        for j, (s, e) in enumerate(self.parts):
+        deltas = []
+        for j in range(len(self.parts)):
             t = torch.einsum("...cl,irl->...icr", xs, self.fast_v[j])
             t = torch.einsum("iac,...icr->...iar", self.slow[self.keys[j]](), t)
             out = self.scale * torch.einsum("...iar,ikr->...ak", t, self.fast_u[j]).flatten(-2)
-            # y is the Linear's output, not saved for its backward: safe to update in place
-            y[..., s:e] += out if self.kron_bias is None else out + self.kron_bias
-        return y
+            deltas.append(out if self.kron_bias is None else out + self.kron_bias)
+        return add_to_slices(y, self.parts, deltas)
 
     def delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base.weight)

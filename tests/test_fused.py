@@ -1,0 +1,136 @@
+"""The fast paths used in training (fused LoRA function, in-place slice updates) compute exactly
+what the plain autograd formulation computes: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vpeft.core.inject import LinearUpdate, add_to_slices
+from vpeft.methods.partial.lora import LoRALinear, output_parts
+
+
+def _lora(parts_of: str, bias: bool = True, dropout: float = 0.0, scale: float = 2.0,
+          dtype: torch.dtype = torch.float64) -> LoRALinear:
+    torch.manual_seed(0)
+    fused = parts_of != "all"
+    base = nn.Linear(12, 36, bias=bias).to(dtype)
+    parts = output_parts(36, parts_of, fused) if fused else [(0, 36)]
+    m = LoRALinear(base, rank=3, scale=scale, dropout=dropout, parts=parts)
+    with torch.no_grad():
+        m.lora_B.normal_()  # B starts at zero: give it values so every gradient is non-trivial
+    base.requires_grad_(False)
+    return m
+
+
+def _reference(m: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The update written with plain tensor algebra, independent of both code paths."""
+    y = m.base(x)
+    u = x @ m.lora_A.t()
+    r, row, out = m.rank, 0, [y]
+    delta = torch.zeros_like(y)
+    for i, (s, e) in enumerate(m.parts):
+        part = m.scale * u[..., i * r : (i + 1) * r] @ m.lora_B[row : row + e - s].t()
+        delta = delta + nn.functional.pad(part, (s, y.shape[-1] - e))
+        row += e - s
+    out.append(delta)
+    return out[0] + out[1]
+
+
+def _grads(m: nn.Module, x: torch.Tensor, fn) -> list[torch.Tensor]:
+    for p in m.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    tensors = [out.detach(), *(p.grad for p in m.parameters() if p.requires_grad)]
+    return tensors + ([x.grad] if x.requires_grad else [])
+
+
+@pytest.mark.parametrize("parts_of", ["qv", "k", "qkv", "all"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_fused_lora_matches_plain_autograd(parts_of, bias, x_grad, train_base):
+    m = _lora(parts_of, bias=bias)
+    m.base.requires_grad_(train_base)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=x_grad)
+    fused = _grads(m, x, m)
+    generic = _grads(m, x, lambda t: LinearUpdate.forward(m, t))
+    plain = _grads(m, x, lambda t: _reference(m, t))
+    assert len(fused) == len(plain) == 3 + x_grad + (1 + bias) * train_base
+    for a, b, c in zip(fused, generic, plain, strict=True):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+
+
+def test_fused_lora_gradcheck():
+    m = _lora("qv")
+    x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    params = (m.lora_A, m.lora_B)
+    assert torch.autograd.gradcheck(lambda t, *_: m(t), (x, *params))
+
+
+def test_fused_lora_with_dropout_masks_only_the_branch():
+    m = _lora("qv", dropout=0.5).train()
+    x = torch.randn(64, 12, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    fused = _grads(m, x, m)
+    torch.manual_seed(1)
+    generic = _grads(m, x, lambda t: LinearUpdate.forward(m, t))
+    for a, b in zip(fused, generic, strict=True):
+        torch.testing.assert_close(a, b)
+    # the base path is not dropped: with B = 0 the output is exactly the base's
+    with torch.no_grad():
+        m.lora_B.zero_()
+    torch.testing.assert_close(m(x), m.base(x))
+
+
+def test_fused_lora_under_cpu_autocast_matches_fp32():
+    m = _lora("qv", dtype=torch.float32)
+    x = torch.randn(3, 9, 12)
+    want = _grads(m, x, m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for p in m.parameters():
+            p.grad = None
+        out = m(x)
+        assert out.dtype == torch.bfloat16
+    out.float().backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    assert m.lora_A.grad.dtype == m.lora_B.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want[0], rtol=0.05, atol=0.1)
+    torch.testing.assert_close(m.lora_B.grad, want[2], rtol=0.05, atol=0.5)
+
+
+def test_lora_on_a_hooked_linear_takes_the_generic_path():
+    m = _lora("qv")
+    x = torch.randn(4, 12, dtype=torch.float64)
+    want = _reference(m, x)
+    seen = []
+    m.base.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    torch.testing.assert_close(m(x), want)
+    assert seen == [(4, 36)]  # the base's hook ran, once
+
+
+def test_add_to_slices_gradients_are_views_of_the_output_gradient():
+    y0 = torch.randn(4, 10, requires_grad=True)
+    d1 = torch.randn(4, 3, requires_grad=True)
+    d2 = torch.randn(4, 2, requires_grad=True)
+    out = add_to_slices(y0 * 1, [(0, 3), (7, 9)], [d1, d2])
+    want = y0.detach().clone()
+    want[:, 0:3] += d1.detach()
+    want[:, 7:9] += d2.detach()
+    torch.testing.assert_close(out.detach(), want)
+    g = torch.randn(4, 10)
+    out.backward(g)
+    torch.testing.assert_close(y0.grad, g)
+    torch.testing.assert_close(d1.grad, g[:, 0:3])
+    torch.testing.assert_close(d2.grad, g[:, 7:9])
+
+
+def test_add_to_slices_refuses_an_output_needed_by_its_own_backward():
+    x = torch.randn(4, 6, requires_grad=True)
+    y = x.exp()  # exp's backward needs its output: writing into it must be caught
+    out = add_to_slices(y, [(0, 2)], [torch.ones(4, 2)])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
