@@ -134,3 +134,34 @@ def test_add_to_slices_refuses_an_output_needed_by_its_own_backward():
     out = add_to_slices(y, [(0, 2)], [torch.ones(4, 2)])
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("method", ["lora", "fact-tt", "fact-tk"])
+def test_activation_path_equals_the_weight_path(method):
+    """Methods that can run either as ``base(x) + update`` or as ``x (W + dW)^T`` (FacT switches
+    with dropout) give the same outputs and gradients both ways."""
+    from tests.conftest import tiny_model
+
+    import vpeft
+
+    model = vpeft.adapt(tiny_model(), method, dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    layers = [m for m in model.modules() if isinstance(m, LinearUpdate)]
+    assert layers
+    for m in layers:
+        x = torch.randn(3, 7, m.base.in_features, requires_grad=True)
+
+        def through_weight(t, m=m):
+            db = m.delta_bias()
+            bias = m.base.bias if db is None else (db if m.base.bias is None else m.base.bias + db)
+            return nn.functional.linear(t, m.base.weight + m.delta_weight(), bias)
+
+        def activations(t, m=m):
+            rows = t.reshape(-1, t.shape[-1])
+            return m.update(rows, m.base(rows)).view(*t.shape[:-1], -1)
+
+        for a, b in zip(_grads(m, x, activations), _grads(m, x, through_weight), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vpeft.core.surgery import NotMergeableError, Wrapper
@@ -82,6 +83,11 @@ class LinearUpdate(Wrapper):
 
     base: nn.Linear
 
+    #: Run as ``F.linear(x, W + delta_weight(), c + delta_bias())`` instead of ``base(x)`` plus
+    #: ``update``: the faster way for an update that is dense on the activations but cheap to
+    #: build as a weight (its cost is one weight gradient of the layer in the backward).
+    through_weight: bool = False
+
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -92,6 +98,11 @@ class LinearUpdate(Wrapper):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.through_weight:
+            bias, db = self.base.bias, self.delta_bias()
+            if db is not None:
+                bias = db if bias is None else bias + db
+            return F.linear(x, self.base.weight + self.delta_weight(), bias)
         # on (N, in) rows the Linear's output is a fresh tensor, not a view of one, so updates may
         # write into it in place without autograd re-basing a view (a copy of the whole output)
         rows = x.reshape(-1, x.shape[-1])
@@ -200,6 +211,41 @@ def add_to_slices(
     return _AddToSlices.apply(y, parts, *deltas)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on ``x``'s device run in: autocast's, else ``x``'s own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _NarrowLinear(torch.autograd.Function):
+    """``x @ w.T`` for a weight with few input columns (a rank-r up-projection).
+
+    The weight's gradient is computed as ``(x^T g)^T``: on CPU BLAS, ``g^T x`` with a narrow
+    ``x`` (r = 8) is several times slower than the same product in this orientation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gx = g @ w if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (x.reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1])).t()
+        return gx, gw
+
+
+def narrow_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` (no bias) with a backward suited to a narrow ``w`` (out x r, small r)."""
+    dt = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _NarrowLinear.apply(x.to(dt), w.to(dt))
+
+
 def lowrank_(a: torch.Tensor) -> None:
     """LoRA's initialisation of a down-projection (Kaiming-uniform, as nn.Linear)."""
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -212,7 +258,9 @@ __all__ = [
     "ScaleShift",
     "activation",
     "add_to_slices",
+    "compute_dtype",
     "lowrank_",
+    "narrow_linear",
     "share",
 ]
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView, MissingPartError
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, lowrank_, share
+from vpeft.core.inject import LinearUpdate, lowrank_, narrow_linear, share
 from vpeft.core.surgery import wrap
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
@@ -89,11 +89,17 @@ class FacTLinear(LinearUpdate):
             return self.codes
         return torch.einsum("abc,oic->oiab", self.factors.core, self.codes)
 
+    @property
+    def through_weight(self) -> bool:  # type: ignore[override]
+        """Without active dropout ``dW`` is cheaper to build than the rank-r activation path."""
+        return not (self.training and isinstance(self.dropout, nn.Dropout))
+
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f = self.factors
         u = F.linear(x.unflatten(-1, (-1, self.dim)), f.u)  # (..., n_in, r)
         z = self.dropout(torch.einsum("...ir,oiqr->...oq", u, self.cores()))  # (..., n_out, r)
-        return y + self.scale * F.linear(z, f.v).flatten(-2)
+        # y is the Linear's output, not saved for its backward: add in place
+        return y.add_(narrow_linear(z, f.v).flatten(-2), alpha=self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors

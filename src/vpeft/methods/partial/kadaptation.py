@@ -23,7 +23,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, add_to_slices, lowrank_, share
+from vpeft.core.inject import LinearUpdate, lowrank_, share
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
@@ -65,6 +65,8 @@ class KronLinear(LinearUpdate):
     """A Linear whose output rows ``parts`` get ``s * sum_i A_i (x) (u_i v_i^T)`` (+ bias)."""
 
     slow: nn.ModuleDict  # set by share()
+    # it runs as W + dW: building dW is far cheaper than n Kronecker products for every token
+    through_weight = True
 
     def __init__(self, base: nn.Linear, parts: list[tuple[int, int]], keys: list[str], n: int,
                  rank: int, scale: float, bias: bool) -> None:
@@ -80,16 +82,6 @@ class KronLinear(LinearUpdate):
         for v in self.fast_v.data.flatten(0, 1):
             lowrank_(v)
         self.kron_bias = nn.Parameter(ref.new_zeros(width)) if bias else None
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xs = x.unflatten(-1, (self.n, -1))  # (..., c, l): x as n chunks
-        deltas = []
-        for j in range(len(self.parts)):
-            t = torch.einsum("...cl,irl->...icr", xs, self.fast_v[j])
-            t = torch.einsum("iac,...icr->...iar", self.slow[self.keys[j]](), t)
-            out = self.scale * torch.einsum("...iar,ikr->...ak", t, self.fast_u[j]).flatten(-2)
-            deltas.append(out if self.kron_bias is None else out + self.kron_bias)
-        return add_to_slices(y, self.parts, deltas)
 
     def delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base.weight)

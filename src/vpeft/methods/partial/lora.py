@@ -15,7 +15,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, add_to_slices, lowrank_
+from vpeft.core.inject import LinearUpdate, add_to_slices, compute_dtype, lowrank_, narrow_linear
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
@@ -47,11 +47,6 @@ class LoRAConfig(MethodConfig):
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -149,7 +144,7 @@ class LoRALinear(LinearUpdate):
         if not plain or type(self).update is not LoRALinear.update:
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1])
-        dt = _compute_dtype(rows)
+        dt = compute_dtype(rows)
         ts = [rows, base.weight, base.bias, self.lora_A, self._scaled_b()]
         rows, w, c, a, b = (t if t is None or t.dtype == dt else t.to(dt) for t in ts)
         xd = self.dropout(rows) if self.dropout is not None else rows
@@ -162,7 +157,7 @@ class LoRALinear(LinearUpdate):
         b = self._scaled_b()
         r, row, deltas = self.rank, 0, []
         for i, (s, e) in enumerate(self.parts):
-            deltas.append(F.linear(u[:, i * r : (i + 1) * r], b[row : row + e - s]))
+            deltas.append(narrow_linear(u[:, i * r : (i + 1) * r], b[row : row + e - s]))
             row += e - s
         return add_to_slices(y, self.parts, deltas)
 

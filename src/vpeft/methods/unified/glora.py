@@ -26,7 +26,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vpeft.backbones.base import BackboneView
@@ -87,6 +86,8 @@ class GLoRAConfig(MethodConfig):
 class GLoRALinear(LinearUpdate):
     """``F.linear(x, W + W*A + B, b + b*D + E + W C)`` with the support tensors of ``forms``."""
 
+    through_weight = True  # the update is defined on the weights
+
     def __init__(self, base: nn.Linear, forms: dict[str, tuple[str, int]]) -> None:
         super().__init__(base)
         out, inp = base.out_features, base.in_features
@@ -131,11 +132,6 @@ class GLoRALinear(LinearUpdate):
         if e is not None:
             delta = delta + e
         return delta if c is None else delta + (w @ c).squeeze(-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.base.weight, self.base.bias
-        bias = self.delta_bias() if b is None else b + self.delta_bias()
-        return F.linear(x, w + self.delta_weight(), bias)
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
