@@ -1,11 +1,11 @@
 """Profile methods on one backbone: parameters, FLOPs, inference latency, step time and memory.
 
-Timings are medians of repeated runs after warm-up, taken in one process and *interleaved* (one
-run of each candidate per round), so that drifting machine load hits every candidate alike; they
-are reported as ratios to the base model (latency) and to the *floor* (step time): the frozen
-backbone's forward plus the backward that carries gradients to the tokens entering the first
-block, without any weight gradient. Every method that trains something inside the first block
-pays at least that.
+Timings are taken in one process and *interleaved* (one run of each candidate per round), after
+warm-up rounds. Times are medians over rounds; ratios are medians over rounds of the ratio within
+a round, so that load drifting between rounds cancels. They are reported against the base model
+(latency) and against the *floor* (step time): the frozen backbone's forward plus the backward
+that carries gradients to the tokens entering the first block, without any weight gradient.
+Every method that trains something inside the first block pays at least that.
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin after ``warmup`` rounds."""
+) -> dict[str, list[float]]:
+    """Seconds of each callable in each of ``repeats`` rounds, run round-robin after ``warmup``
+    untimed rounds, so that drifting machine load hits every candidate alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
@@ -95,7 +96,13 @@ def interleaved_medians(
             _sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of ``name``'s time over ``ref``'s in the same round: robust to load
+    that changes between rounds, which the ratio of two medians is not."""
+    return statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
 
 
 def flops_per_image(model: nn.Module, img_size: int) -> float:
@@ -266,19 +273,22 @@ def profile(
         rows.append(row)
     say("timing inference")
     with torch.no_grad():
-        lat = interleaved_medians(infer, spec.warmup, spec.repeats, dev)
-    step_t: dict[str, float] = {}
+        lat_runs = interleaved_times(infer, spec.warmup, spec.repeats, dev)
+    lat = {k: statistics.median(v) for k, v in lat_runs.items()}
+    step_runs: dict[str, list[float]] = {}
     if spec.train:
         say("timing training steps")
-        step_t = interleaved_medians(steps, spec.warmup, spec.repeats, dev)
+        step_runs = interleaved_times(steps, spec.warmup, spec.repeats, dev)
+    step_t = {k: statistics.median(v) for k, v in step_runs.items()}
     for row in rows:
         n = row["method"]
         row["latency_ms"] = 1e3 * lat[f"{n}/adapted"]
-        row["latency_ratio_adapted"] = lat[f"{n}/adapted"] / lat["base"]
-        merged_t = lat.get(f"{n}/merged")
-        row["latency_ratio_merged"] = merged_t / lat["base"] if merged_t else None
+        row["latency_ratio_adapted"] = paired_ratio(lat_runs, f"{n}/adapted", "base")
+        merged = f"{n}/merged" in lat_runs
+        row["latency_ratio_merged"] = paired_ratio(lat_runs, f"{n}/merged", "base") if merged \
+            else None
         row["step_ms"] = 1e3 * step_t[n] if step_t else None
-        row["step_ratio_floor"] = step_t[n] / step_t["floor"] if step_t else None
+        row["step_ratio_floor"] = paired_ratio(step_runs, n, "floor") if step_t else None
         if spec.memory:
             say(f"memory of {n}")
             row.update(peak_memory_mb(spec, n, row["options"]))
