@@ -115,3 +115,17 @@ def test_profile_without_training_times_only_inference():
     row = result["methods"][0]
     assert row["step_ms"] is None and result["floor"]["step_ms"] is None
     assert row["latency_ratio_merged"] > 0
+
+
+def test_flops_count_every_method_and_leave_trainable_flags_alone():
+    """``--all`` counts FLOPs of every method; token methods expand trainable prompts, which the
+    FLOP counter's module tracker cannot follow under no_grad unless the model is frozen."""
+    base = flops_per_image(tiny_model(), TINY_DIMS["img_size"])
+    for info in vpeft.list_methods():
+        if info.name in ("kadaptation", "hf-lora"):  # n=32 does not divide width 48; optional dep
+            continue
+        model = vpeft.adapt(tiny_model(), info.name)
+        flags = [p.requires_grad for p in model.parameters()]
+        flops = flops_per_image(model, TINY_DIMS["img_size"])
+        assert flops >= 0.5 * base, info.name
+        assert flags == [p.requires_grad for p in model.parameters()], info.name

@@ -110,8 +110,16 @@ def flops_per_image(model: nn.Module, img_size: int) -> float:
     p = next(model.parameters())
     x = torch.zeros(1, 3, img_size, img_size, device=p.device, dtype=p.dtype)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.eval()(x)
+    # frozen for the count: under no_grad a view of a trainable tensor (an expanded prompt) still
+    # says requires_grad, and the counter's module tracker fails on it
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        with torch.no_grad(), counter:
+            model.eval()(x)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return float(counter.get_total_flops())
 
 
