@@ -179,3 +179,29 @@ def test_memory_saving_claim(row: Row, kind: str):
         h.remove()
     assert flags, "blocks did not run"
     assert (not any(flags)) == vpeft.get_state(model).method.memory_saving
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in ROWS if "vit" in r.backbones])
+def test_task_on_a_shared_backbone_trains_alone(row: Row):
+    """As a task of a MultiTaskModel the method trains without touching the backbone or another
+    task, and computes what the standalone adapted model computes with the same tensors."""
+    backbone = tiny_model("vit").eval()
+    tasks = vpeft.MultiTaskModel(backbone)
+    other = tasks.add("other", "lora", rank=2)
+    with torch.no_grad():
+        other.blocks[0].attn.qkv.lora_B.normal_()
+    x = images()
+    with torch.no_grad():
+        before = backbone(x), other.eval()(x)
+    trainable = [n for n, p in other.named_parameters() if p.requires_grad]
+    model = tasks.add("task", row.method, **row.options)
+    assert [n for n, p in other.named_parameters() if p.requires_grad] == trainable
+    assert not any(p.requires_grad for p in backbone.parameters())
+    train_steps(model)
+    with torch.no_grad():
+        torch.testing.assert_close((backbone(x), other(x)), before, rtol=0, atol=0)
+        standalone = adapted(row, "vit")
+        standalone.load_state_dict(vpeft.adapter_state_dict(model), strict=False)
+        torch.testing.assert_close(tasks(x, task="task"), standalone.eval()(x))
+    own = tasks.parameter_counts()["task"]
+    assert own >= vpeft.summary(model).trainable

@@ -2,6 +2,7 @@
 
 >>> model = vpeft.adapt(timm_model, "lora", rank=8)
 >>> vpeft.save(model, "runs/task-lora"); merged = vpeft.merge(model)
+>>> tasks = vpeft.MultiTaskModel(timm_model); tasks.load("cifar", "runs/task-lora")
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from vpeft.backbones import BackboneView, MissingPartError, get_view
 from vpeft.core.checkpoint import CheckpointError, load, read_config, save
 from vpeft.core.config import MethodConfig
 from vpeft.core.method import Method
+from vpeft.core.multitask import MultiTaskModel
 from vpeft.core.state import Summary, adapt, adapter_state_dict, get_state, merge, summary, unmerge
 from vpeft.core.surgery import NotMergeableError
 from vpeft.core.targeting import TargetNotFoundError
@@ -26,6 +28,7 @@ __all__ = [
     "MethodConfig",
     "MethodInfo",
     "MissingPartError",
+    "MultiTaskModel",
     "NotMergeableError",
     "Summary",
     "TargetNotFoundError",

@@ -84,6 +84,29 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def check_base(
+    meta: dict[str, Any], model: nn.Module, directory: str | os.PathLike, strict_base: bool = True
+) -> None:
+    """Raise :class:`CheckpointError` unless the (plain) ``model`` is the base the adapter described
+    by ``meta`` (from :func:`read_config`) was made for: architecture, layer shapes, classes."""
+    saved, here = meta["base"], base_identity(model)
+    if (saved["architecture"], saved["class"]) != (here["architecture"], here["class"]):
+        raise CheckpointError(
+            f"adapter at {directory} was made for {saved['architecture']} "
+            f"({saved['class']}), not {here['architecture']} ({here['class']})"
+        )
+    if strict_base and saved["shape_hash"] != here["shape_hash"]:
+        raise CheckpointError(
+            f"adapter at {directory} was made for a {saved['architecture']} with other layer "
+            "shapes (width, depth, patch or image size differ)"
+        )
+    if saved["num_classes"] != here["num_classes"]:
+        raise CheckpointError(
+            f"adapter at {directory} has a {saved['num_classes']}-class head but the model has "
+            f"{here['num_classes']} classes; create it with num_classes={saved['num_classes']}"
+        )
+
+
 def load(model: nn.Module, directory: str | os.PathLike, strict_base: bool = True) -> nn.Module:
     """Load an adapter saved by :func:`save` into ``model`` and return it.
 
@@ -95,22 +118,7 @@ def load(model: nn.Module, directory: str | os.PathLike, strict_base: bool = Tru
     config = make_config(meta["method"], **meta["config"])
     state = get_state(model, required=False)
     if state is None:
-        saved, here = meta["base"], base_identity(model)
-        if (saved["architecture"], saved["class"]) != (here["architecture"], here["class"]):
-            raise CheckpointError(
-                f"adapter at {directory} was made for {saved['architecture']} "
-                f"({saved['class']}), not {here['architecture']} ({here['class']})"
-            )
-        if strict_base and saved["shape_hash"] != here["shape_hash"]:
-            raise CheckpointError(
-                f"adapter at {directory} was made for a {saved['architecture']} with other layer "
-                "shapes (width, depth, patch or image size differ)"
-            )
-        if saved["num_classes"] != here["num_classes"]:
-            raise CheckpointError(
-                f"adapter at {directory} has a {saved['num_classes']}-class head but the model has "
-                f"{here['num_classes']} classes; create it with num_classes={saved['num_classes']}"
-            )
+        check_base(meta, model, directory, strict_base)
         adapt(model, config)
     elif state.config != config:
         raise CheckpointError(

@@ -34,6 +34,15 @@ class AdapterState:
     added_keys: set[str] = field(default_factory=set)
     head_keys: set[str] = field(default_factory=set)
     merged: dict[str, Wrapper] | None = None  # wrappers taken out by merge(), for unmerge()
+    shares_base: bool = False  # a task of a MultiTaskModel: its frozen tensors are shared
+
+
+def _check_inplace(state: AdapterState, inplace: bool, what: str) -> None:
+    if inplace and state.shares_base:
+        raise ValueError(
+            f"cannot {what} in place: this task shares its frozen weights with the other tasks "
+            f"of a MultiTaskModel; use vpeft.{what}(model) for a standalone copy"
+        )
 
 
 def get_state(model: nn.Module, required: bool = True) -> AdapterState | None:
@@ -115,10 +124,12 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
     model remembers the adapter, so :func:`unmerge` can restore the adapted form.
     """
     state = get_state(model)
+    _check_inplace(state, inplace, "merge")
     if state.merged is not None:
         raise ValueError("model is already merged")
     out = model if inplace else copy.deepcopy(model)
     out_state = get_state(out)
+    out_state.shares_base = out_state.shares_base and inplace  # a deep copy owns its tensors
     out_state.merged = out_state.method.merge(out)
     return out
 
@@ -126,10 +137,12 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
 def unmerge(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Take a merged update back out of the weights and put the method's modules back."""
     state = get_state(model)
+    _check_inplace(state, inplace, "unmerge")
     if state.merged is None:
         raise ValueError("model is not merged; nothing to unmerge")
     out = model if inplace else copy.deepcopy(model)
     out_state = get_state(out)
+    out_state.shares_base = out_state.shares_base and inplace
     out_state.method.unmerge(out, out_state.merged)
     out_state.merged = None
     return out
