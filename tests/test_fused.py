@@ -165,3 +165,21 @@ def test_activation_path_equals_the_weight_path(method):
 
         for a, b in zip(_grads(m, x, activations), _grads(m, x, through_weight), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_dora_on_the_fused_lora_output_matches_its_generic_path(detach_norm):
+    from vpeft.methods.partial.dora import DoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 36).double().requires_grad_(False)
+    m = DoRALinear(base, 3, 2.0, 0.0, output_parts(36, "qv", True), detach_norm)
+    with torch.no_grad():
+        m.lora_B.normal_()
+        m.magnitude.mul_(1.5)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    fused = _grads(m, x, m)
+    generic = _grads(m, x, lambda t: LinearUpdate.forward(m, t))
+    assert len(fused) == 5  # output, A, B, magnitude, x
+    for a, b in zip(fused, generic, strict=True):
+        torch.testing.assert_close(a, b)

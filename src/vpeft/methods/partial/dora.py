@@ -51,8 +51,8 @@ class DoRALinear(LoRALinear):
         """``||W + s B A||_c`` of the decomposed rows."""
         return (self.base.weight + self.delta_weight())[self.rows].norm(dim=1)
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y = super().update(x, y)  # W x + c + s B A x
+    def rescale(self, y: torch.Tensor) -> torch.Tensor:
+        """``W x + c + s B A x`` -> ``m (W + s B A) x / ||W + s B A||_c + c`` on the parts' rows."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
             norm = self.direction_norm()
         ratio = torch.ones(y.shape[-1], dtype=y.dtype, device=y.device)
@@ -60,6 +60,12 @@ class DoRALinear(LoRALinear):
         bias = self.base.bias
         # the magnitude scales the weight, not the bias: (y - c) * m / ||.|| + c
         return y * ratio if bias is None else torch.addcmul(bias, y - bias, ratio)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.rescale(super().update(x, y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rescale(self.lora_output(x.reshape(-1, x.shape[-1]))).view(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def fold(self) -> nn.Module:

@@ -136,21 +136,23 @@ class LoRALinear(LinearUpdate):
     def _scaled_b(self) -> torch.Tensor:
         return self.lora_B if self.scale == 1 else self.scale * self.lora_B  # scale the small one
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_output(self, rows: torch.Tensor) -> torch.Tensor:
+        """``base(rows)`` plus the LoRA update, for ``rows`` of shape ``(N, in)``: one fused
+        function on a plain ``nn.Linear``; a Linear subclass or a hooked base runs as it is."""
         base = self.base
-        # the fused function computes exactly ``update``: a subclass that redefines ``update``
-        # (DoRA, NOAH's elastic rank), a Linear subclass or a hooked base takes the generic path
-        plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
-        if not plain or type(self).update is not LoRALinear.update:
-            return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return LoRALinear.update(self, rows, base(rows))
         dt = compute_dtype(rows)
         ts = [rows, base.weight, base.bias, self.lora_A, self._scaled_b()]
         rows, w, c, a, b = (t if t is None or t.dtype == dt else t.to(dt) for t in ts)
         xd = self.dropout(rows) if self.dropout is not None else rows
         with torch.autocast(rows.device.type, enabled=False):
-            y = _LoRAFunction.apply(rows, xd, w, c, a, b, self.parts, self.rank)
-        return y.view(*x.shape[:-1], -1)
+            return _LoRAFunction.apply(rows, xd, w, c, a, b, self.parts, self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self).update is not LoRALinear.update:  # a subclass with its own update (NOAH)
+            return super().forward(x)
+        return self.lora_output(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         u = F.linear(self.dropout(x) if self.dropout is not None else x, self.lora_A)  # (N, P*r)
