@@ -129,3 +129,14 @@ def test_flops_count_every_method_and_leave_trainable_flags_alone():
         flops = flops_per_image(model, TINY_DIMS["img_size"])
         assert flops >= 0.5 * base, info.name
         assert flags == [p.requires_grad for p in model.parameters()], info.name
+
+
+def test_every_candidate_runs_right_after_its_reference():
+    from vpeft.bench.profile import interleaved_times
+
+    calls: list[str] = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in ("floor", "a", "b")}
+    t = interleaved_times(fns, "floor", warmup=1, repeats=3, device=torch.device("cpu"))
+    assert calls == ["floor", "a", "floor", "b"] * 4
+    assert len(t.times["floor"]) == 6 and len(t.ratios["a"]) == len(t.ratios["b"]) == 3
+    assert "floor" not in t.ratios and t.ratio("a") > 0

@@ -1,11 +1,11 @@
 """Profile methods on one backbone: parameters, FLOPs, inference latency, step time and memory.
 
-Timings are taken in one process and *interleaved* (one run of each candidate per round), after
-warm-up rounds. Times are medians over rounds; ratios are medians over rounds of the ratio within
-a round, so that load drifting between rounds cancels. They are reported against the base model
-(latency) and against the *floor* (step time): the frozen backbone's forward plus the backward
-that carries gradients to the tokens entering the first block, without any weight gradient.
-Every method that trains something inside the first block pays at least that.
+Timings are taken in one process, in rounds after warm-up rounds; in each round every candidate
+runs right after a run of its reference, and a ratio is the median over rounds of the candidate's
+time over that reference run's, so that load drifting on a shared machine cancels. Ratios are to
+the base model (latency) and to the *floor* (step time): the frozen backbone's forward plus the
+backward that carries gradients to the tokens entering the first block, without any weight
+gradient. Every method that trains something inside the first block pays at least that.
 """
 
 from __future__ import annotations
@@ -82,27 +82,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Timings:
+    """Seconds per run of each candidate, and its ratio to the reference run just before it."""
+
+    times: dict[str, list[float]]
+    ratios: dict[str, list[float]]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, name: str) -> float:
+        return statistics.median(self.ratios[name])
+
+
 def interleaved_times(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds of each callable in each of ``repeats`` rounds, run round-robin after ``warmup``
-    untimed rounds, so that drifting machine load hits every candidate alike."""
+    fns: dict[str, Callable[[], Any]],
+    ref: str,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> Timings:
+    """Time every callable ``repeats`` times after ``warmup`` untimed rounds, each run right
+    after a run of ``fns[ref]``: a candidate's ratio is the median over rounds of its time over
+    the reference's time a moment before, which cancels load that drifts on a shared machine
+    (a ratio of two medians taken minutes apart does not)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    ratios: dict[str, list[float]] = {k: [] for k in fns if k != ref}
+
+    def timed(fn: Callable[[], Any]) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
+        for name in ratios:
+            t_ref, t = timed(fns[ref]), timed(fns[name])
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
-    """Median over rounds of ``name``'s time over ``ref``'s in the same round: robust to load
-    that changes between rounds, which the ratio of two medians is not."""
-    return statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
+                times[ref].append(t_ref)
+                times[name].append(t)
+                ratios[name].append(t / t_ref)
+    return Timings(times, ratios)
 
 
 def flops_per_image(model: nn.Module, img_size: int) -> float:
@@ -281,28 +303,24 @@ def profile(
         rows.append(row)
     say("timing inference")
     with torch.no_grad():
-        lat_runs = interleaved_times(infer, spec.warmup, spec.repeats, dev)
-    lat = {k: statistics.median(v) for k, v in lat_runs.items()}
-    step_runs: dict[str, list[float]] = {}
+        lat = interleaved_times(infer, "base", spec.warmup, spec.repeats, dev)
+    step = None
     if spec.train:
         say("timing training steps")
-        step_runs = interleaved_times(steps, spec.warmup, spec.repeats, dev)
-    step_t = {k: statistics.median(v) for k, v in step_runs.items()}
+        step = interleaved_times(steps, "floor", spec.warmup, spec.repeats, dev)
     for row in rows:
         n = row["method"]
-        row["latency_ms"] = 1e3 * lat[f"{n}/adapted"]
-        row["latency_ratio_adapted"] = paired_ratio(lat_runs, f"{n}/adapted", "base")
-        merged = f"{n}/merged" in lat_runs
-        row["latency_ratio_merged"] = paired_ratio(lat_runs, f"{n}/merged", "base") if merged \
-            else None
-        row["step_ms"] = 1e3 * step_t[n] if step_t else None
-        row["step_ratio_floor"] = paired_ratio(step_runs, n, "floor") if step_t else None
+        row["latency_ms"] = 1e3 * lat.median(f"{n}/adapted")
+        row["latency_ratio_adapted"] = lat.ratio(f"{n}/adapted")
+        row["latency_ratio_merged"] = lat.ratio(f"{n}/merged") if f"{n}/merged" in infer else None
+        row["step_ms"] = 1e3 * step.median(n) if step else None
+        row["step_ratio_floor"] = step.ratio(n) if step else None
         if spec.memory:
             say(f"memory of {n}")
             row.update(peak_memory_mb(spec, n, row["options"]))
     floor = {
-        "step_ms": 1e3 * step_t["floor"] if step_t else None,
-        "base_latency_ms": 1e3 * lat["base"],
+        "step_ms": 1e3 * step.median("floor") if step else None,
+        "base_latency_ms": 1e3 * lat.median("base"),
         "base_gflops_per_image": flops_per_image(base, spec.img_size) / 1e9,
     }
     if spec.memory:
