@@ -51,6 +51,10 @@ class BackboneView:
                 f"{type(self.model).__name__} (view '{self.family}') has none"
             )
 
+    def in_head(self, path: str) -> bool:
+        """Whether the module or parameter at dotted ``path`` is (inside) a classifier head."""
+        return any(path == h or path.startswith(h + ".") for h in self.heads)
+
     def block_part(self, i: int, part: str) -> str:
         """Path of ``part`` (``'attn'``, ``'mlp'``, ``'qkv'`` ...) inside block ``i``."""
         rel = getattr(self, part, None) or part

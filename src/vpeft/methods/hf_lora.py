@@ -54,12 +54,7 @@ class HFLoRA(Method):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: HFLoRAConfig = self.config
-        heads = tuple(view.heads)
-        paths = [
-            p
-            for p in find_modules(model, cfg.targets, nn.Linear)
-            if not p.startswith(tuple(h + "." for h in heads)) and p not in heads
-        ]
+        paths = [p for p in find_modules(model, cfg.targets, nn.Linear) if not view.in_head(p)]
         peft = _peft()
         lora_cfg = peft.LoraConfig(
             r=cfg.rank,

@@ -7,7 +7,6 @@ block, so the head reads exactly the tokens it reads without prompts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.method import Method
+from vpeft.core.prompts import PROMPT_INITS, expand_prompt, init_prompt
 from vpeft.core.surgery import Wrapper, wrap
 from vpeft.registry import register
 
@@ -23,7 +23,7 @@ from vpeft.registry import register
 @dataclass
 class VPTConfig(MethodConfig):
     num_tokens: int = option(10, "Prompt tokens per layer.")
-    dropout: float = option(0.0, "Dropout on the prompt tokens.")
+    dropout: float = option(0.0, "Dropout on the prompt tokens (a mask per sample).")
     init: str = option(
         "uniform",
         "'uniform' (VPT's Xavier-style bound over patch and width) or 'normal' (std 0.02).",
@@ -32,8 +32,8 @@ class VPTConfig(MethodConfig):
     def validate(self) -> None:
         if self.num_tokens < 1:
             raise ValueError(f"vpt num_tokens must be >= 1, got {self.num_tokens}")
-        if self.init not in ("uniform", "normal"):
-            raise ValueError(f"vpt init must be 'uniform' or 'normal', got {self.init!r}")
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"vpt init must be one of {PROMPT_INITS}, got {self.init!r}")
 
 
 class PromptBlock(Wrapper):
@@ -57,14 +57,14 @@ class PromptBlock(Wrapper):
         self.prompt = nn.Parameter(prompt) if prompt is not None else None
         self.num_prefix, self.num_tokens = num_prefix, num_tokens
         self.insert, self.remove = insert, remove
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: (B, N, D)
         p, n = self.num_prefix, self.num_tokens
         if self.prompt is not None:
-            prompt = self.dropout(self.prompt).expand(x.shape[0], -1, -1)
+            prompt = expand_prompt(self.prompt, x.shape[0], self.dropout, self.training, x.dtype)
             rest = x[:, p:] if self.insert else x[:, p + n :]
-            x = torch.cat([x[:, :p], prompt.to(x.dtype), rest], dim=1)
+            x = torch.cat([x[:, :p], prompt, rest], dim=1)
         x = self.base(x, *args, **kwargs)
         if self.remove:
             x = torch.cat([x[:, :p], x[:, p + n :]], dim=1)
@@ -77,15 +77,6 @@ class VPT(Method):
     deep = False
     no_decay = ("*prompt",)
 
-    def init_prompt(self, dim: int, view: BackboneView) -> torch.Tensor:
-        cfg: VPTConfig = self.config
-        t = torch.empty(1, cfg.num_tokens, dim)
-        if cfg.init == "normal":
-            return nn.init.normal_(t, std=0.02)
-        patch = view.patch_size or 16
-        bound = math.sqrt(6.0 / float(view.in_chans * patch * patch + dim))
-        return nn.init.uniform_(t, -bound, bound)
-
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         view.require("blocks", "sequence_tokens", method=self.name)
         cfg: VPTConfig = self.config
@@ -94,7 +85,11 @@ class VPT(Method):
             prompted = i == 0 or self.deep
             if not prompted and i != last:
                 continue
-            prompt = self.init_prompt(view.block_dims[i], view) if prompted else None
+            prompt = (
+                init_prompt(cfg.num_tokens, view.block_dims[i], view, cfg.init)
+                if prompted
+                else None
+            )
             wrap(
                 model,
                 view.blocks[i],

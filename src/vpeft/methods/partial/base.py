@@ -33,8 +33,7 @@ class Specification(Method):
 
 def backbone_params(model: nn.Module, view: BackboneView):
     """``(name, parameter)`` of everything but the classifier heads."""
-    heads = tuple(h + "." for h in view.heads)
-    return ((n, p) for n, p in model.named_parameters() if not n.startswith(heads))
+    return ((n, p) for n, p in model.named_parameters() if not view.in_head(n))
 
 
 class Reparameterization(Method):

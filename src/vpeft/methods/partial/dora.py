@@ -96,9 +96,8 @@ class DoRA(LoRA):
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: DoRAConfig = self.config
         fused = view.fused_qkv_paths()
-        heads = tuple(h + "." for h in view.heads)
         for path in find_modules(model, cfg.targets, nn.Linear):
-            if path in view.heads or path.startswith(heads):
+            if view.in_head(path):
                 continue
             parts = output_parts(model.get_submodule(path).out_features, cfg.qkv, path in fused)
             wrap(model, path, lambda m, p=parts: DoRALinear(m, cfg.rank, cfg.scale, cfg.dropout,

@@ -110,10 +110,9 @@ class KAdaptation(Reparameterization):
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: KAdaptationConfig = self.config
         fused = view.fused_qkv_paths()
-        heads = tuple(h + "." for h in view.heads)
         plan = []  # (path, parts, slow keys): one slow set per kind of weight, across layers
         for path in find_modules(model, cfg.targets, nn.Linear):
-            if path in view.heads or path.startswith(heads):
+            if view.in_head(path):
                 continue
             leaf = path.rpartition(".")[2]
             parts = output_parts(model.get_submodule(path).out_features, cfg.qkv, path in fused)

@@ -25,10 +25,9 @@ class LNTuneConfig(MethodConfig):
 
 def norm_params(model: nn.Module, view: BackboneView) -> list[nn.Parameter]:
     """Affine parameters of every normalisation layer outside the classifier heads."""
-    heads = tuple(h + "." for h in view.heads)
     return [
         p for name, m in model.named_modules()
-        if isinstance(m, NORM_TYPES) and name not in view.heads and not name.startswith(heads)
+        if isinstance(m, NORM_TYPES) and not view.in_head(name)
         for p in m.parameters(recurse=False)
     ]
 

@@ -193,7 +193,7 @@ class LoRA(Reparameterization):
         cfg: LoRAConfig = self.config
         fused = view.fused_qkv_paths()
         for path in find_modules(model, cfg.targets, nn.Linear):
-            if any(path == h or path.startswith(h + ".") for h in view.heads):
+            if view.in_head(path):
                 continue
             lin = model.get_submodule(path)
             parts = output_parts(lin.out_features, cfg.qkv, path in fused)

@@ -50,13 +50,12 @@ class SSF(Reparameterization):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: SSFConfig = self.config
-        heads = tuple(h + "." for h in view.heads)
         if cfg.targets:
             paths = find_modules(model, cfg.targets, TARGET_TYPES)
         else:
             paths = [n for n, m in model.named_modules() if isinstance(m, TARGET_TYPES)]
         for path in paths:
-            if path in view.heads or path.startswith(heads):
+            if view.in_head(path):
                 continue
             m = model.get_submodule(path)
             if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:

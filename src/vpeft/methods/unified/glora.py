@@ -173,9 +173,7 @@ class GLoRA(Method):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: GLoRAConfig = self.config
-        heads = tuple(h + "." for h in view.heads)
-        paths = [p for p in find_modules(model, cfg.targets, nn.Linear)
-                 if p not in view.heads and not p.startswith(heads)]
+        paths = [p for p in find_modules(model, cfg.targets, nn.Linear) if not view.in_head(p)]
         if cfg.per_layer and len(cfg.per_layer) != len(paths):
             raise ValueError(f"glora per_layer has {len(cfg.per_layer)} entries but the targets "
                              f"match {len(paths)} layers")

@@ -29,8 +29,9 @@ from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import Bottleneck, Bypass
 from vpeft.core.method import Method
+from vpeft.core.prompts import init_prompt
 from vpeft.core.surgery import wrap
-from vpeft.methods.addition.vpt import PromptBlock, VPTConfig, VPTDeep
+from vpeft.methods.addition.vpt import PromptBlock
 from vpeft.methods.partial.lora import LoRALinear
 from vpeft.registry import register
 
@@ -172,7 +173,7 @@ class NOAH(Method):
         for i in range(view.depth):
             if prompt[i]:
                 # VPT's own prompt initialisation
-                p = VPTDeep(VPTConfig(num_tokens=prompt[i])).init_prompt(view.block_dims[i], view)
+                p = init_prompt(prompt[i], view.block_dims[i], view)
                 wrap(model, view.blocks[i], lambda b, p=p: (
                     ElasticPromptBlock(b, p, view.num_prefix_tokens) if cfg.supernet else
                     PromptBlock(b, p, view.num_prefix_tokens, p.shape[1], True, True, 0.0)))
