@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import vpeft
@@ -94,6 +95,7 @@ def test_cli_profile_writes_json_and_refuses_overwrite(tmp_path, capsys):
 
 def test_hf_lora_matches_vpeft_lora_on_full_qkv():
     """The peer baseline computes the same function as vpeft's lora given the same factors."""
+    pytest.importorskip("peft", reason="hf-lora needs the optional peft package")
     ours = vpeft.adapt(tiny_model(), "lora", rank=2, qkv="qkv")
     theirs = vpeft.adapt(tiny_model(), "hf-lora", rank=2)
     with torch.no_grad():
@@ -127,7 +129,8 @@ def test_flops_count_every_method_and_leave_trainable_flags_alone():
         model = vpeft.adapt(tiny_model(), info.name)
         flags = [p.requires_grad for p in model.parameters()]
         flops = flops_per_image(model, TINY_DIMS["img_size"])
-        assert flops >= 0.5 * base, info.name
+        # an adapted model computes at least what the base does (counted, not zero or broken)
+        assert flops >= base, (info.name, flops, base)
         assert flags == [p.requires_grad for p in model.parameters()], info.name
 
 
