@@ -62,9 +62,7 @@ class GLoRASpace:
         default = next(f.default for f in fields(GLoRAConfig) if f.name == "targets")
         targets = space.get("targets", default)
         targets = (targets,) if isinstance(targets, str) else tuple(targets)
-        paths = target_paths(view.model, view, targets)
-        if not paths:
-            raise ValueError(f"glora search space targets {list(targets)} match no Linear layer")
+        paths = target_paths(view.model, view, targets)  # raises on a pattern matching nothing
         layers = []
         for p in paths:
             m = view.model.get_submodule(p)
