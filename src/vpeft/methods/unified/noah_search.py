@@ -9,6 +9,11 @@ drawing the new ones; a crossover takes each type's sizes from one parent or the
 Defaults are NOAH's VTAB-1k space (``experiments/NOAH/supernet/supernet-B_prompt_VTAB.yaml``):
 sizes {1, 5, 10} for all three types and depths {3, 6, 9, 12} on ViT-B's 12 blocks, i.e. a
 quarter, a half, three quarters and all of the blocks (:func:`default_depths`).
+
+A subnet's size is its trainable parameters, head excluded, exactly as ``vpeft.summary`` counts
+the retrained adapter. The official ``get_sampled_params_numel`` also counts its input-level
+prompt and that prompt's 100-token position embedding (never trained, see
+:mod:`~vpeft.methods.unified.noah`), so its budgets are larger by about ``(p_0 + 100) D``.
 """
 
 from __future__ import annotations
