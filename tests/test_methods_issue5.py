@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import pytest
 import timm
@@ -17,12 +16,7 @@ from vpeft.core.side import FeatureTap
 from vpeft.methods.addition.prefix import PrefixAttention, export_prefixes
 from vpeft.methods.addition.visual_prompt import PadPrompter, VisualPromptConfig
 from vpeft.methods.unified.noah import set_subnet
-from vpeft.methods.unified.noah_search import (
-    Choice,
-    SearchSpace,
-    evolution_search,
-    run_noah,
-)
+from vpeft.methods.unified.noah_search import Choice, NOAHSpace
 
 from conftest import NUM_CLASSES, TINY_DIMS, real_deit, tiny_model
 
@@ -168,23 +162,6 @@ def test_lst_gates_start_balanced_and_side_output_starts_at_zero() -> None:
 
 
 # -- NOAH -----------------------------------------------------------------------------------------
-def test_noah_search_respects_the_budget() -> None:
-    space, seen = SearchSpace(depth=2, dim=48), []
-
-    def evaluate(c: Choice) -> float:  # prefers big subnets: the budget is what stops it
-        seen.append(c)
-        return float(space.params(c))
-
-    budget = 2_000
-    result = evolution_search(evaluate, budget, space, epochs=4, population=12, select=4,
-                              mutation=6, crossover=6)
-    assert seen and all(space.params(c) <= budget for c in seen)
-    assert result.params == space.params(result.choice) <= budget
-    assert result.score == max(space.params(c) for c in seen)
-    with pytest.raises(ValueError, match="no NOAH subnet"):
-        evolution_search(evaluate, budget, space, min_params=10**9, epochs=1, population=4)
-
-
 def test_noah_supernet_subnet_equals_the_retrained_architecture() -> None:
     supernet = vpeft.adapt(tiny_model(), "noah", supernet=True)
     with torch.no_grad():
@@ -199,41 +176,7 @@ def test_noah_supernet_subnet_equals_the_retrained_architecture() -> None:
         for n, p in subnet.named_parameters():
             p.copy_(canon[n.replace("base.", "")][tuple(slice(0, s) for s in p.shape)])
     torch.testing.assert_close(subnet(X), supernet(X))
-    assert vpeft.summary(subnet).trainable_no_head == SearchSpace(2, 48).params(choice)
-
-
-def test_run_noah_three_stages_with_fake_training(tmp_path) -> None:
-    draws, calls = [], []
-    target = torch.randint(0, NUM_CLASSES, (2,), generator=torch.Generator().manual_seed(1))
-
-    def train_fn(model: nn.Module, before_step: Callable[[], None] | None) -> None:
-        calls.append(before_step is not None)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        for _ in range(3):
-            if before_step is not None:
-                before_step()
-                draws.append(1)
-            opt.zero_grad()
-            F.cross_entropy(model(X), target).backward()
-            opt.step()
-        model.eval()
-
-    def eval_fn(model: nn.Module) -> float:
-        with torch.no_grad():
-            return -F.cross_entropy(model(X), target).item()
-
-    budget = 3_000
-    result = run_noah(tiny_model, train_fn, eval_fn, budget, epochs=2, population=6, select=3,
-                      mutation=3, crossover=3)
-    assert calls == [True, False] and len(draws) == 3
-    assert result.search.params <= budget and result.score is not None
-    model = result.model
-    assert vpeft.summary(model).trainable_no_head == result.search.params
-    vpeft.save(model, tmp_path)
-    loaded = vpeft.load(tiny_model(), tmp_path)
-    torch.testing.assert_close(loaded(X), model(X))
-    assert vpeft.get_state(loaded).config.adapter == result.choice.adapter
+    assert vpeft.summary(subnet).trainable_no_head == NOAHSpace(2, 48).params(choice)
 
 
 # -- GLoRA ----------------------------------------------------------------------------------------

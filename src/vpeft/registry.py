@@ -73,10 +73,17 @@ class MethodInfo:
     structure_preserving: bool
     inference_overhead: bool
     memory_saving: bool
+    requires: tuple[str, ...]  # packages the method needs (``vpeft[bench]`` extras ...)
+    searchable: bool  # ``vpeft search --method`` can search it
     summary: str
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "requires": list(self.requires)}
+
+
+def missing_requirements(name: str) -> list[str]:
+    """Packages that method ``name`` declares in ``requires`` and that are not installed."""
+    return get_method(name).missing_requirements()
 
 
 def list_methods() -> list[MethodInfo]:

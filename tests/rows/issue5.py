@@ -1,4 +1,4 @@
-"""Rows for pixel prompts, prefixes, query tokens, side networks and unified methods (issue 5)."""
+"""Rows for pixel prompts, prefixes, query tokens and side networks (issue 5)."""
 
 from rows import Dims, Row
 
@@ -32,27 +32,6 @@ def _lst(d: Dims, r: int = 8, layer: str = "block") -> int:
     return downs + layers + d.L + 2 * s + (s * d.D + d.D)  # + gates, side norm, up-projection
 
 
-def _noah(d: Dims, adapter: list[int], lora: list[int], prompt: list[int]) -> int:
-    # adapter after the MLP: D -> a -> D with biases; LoRA on qkv: A (r x D) + B (3D x r); prompts
-    return sum((2 * d.D * a + a + d.D if a else 0) + r * 4 * d.D + n * d.D
-               for a, r, n in zip(adapter, lora, prompt))
-
-
-def _glora_layer(out: int, inp: int) -> int:
-    # A, B lora4 (4 (out + in) each); C vector (in); E vector (out); D none (see ROWS)
-    return 8 * (out + inp) + inp + out
-
-
-def _glora(d: Dims) -> int:
-    return d.L * (_glora_layer(3 * d.D, d.D) + _glora_layer(d.D, d.D)
-                  + _glora_layer(d.H, d.D) + _glora_layer(d.D, d.H))
-
-
-def _glora_small(d: Dims) -> int:
-    # qkv and fc2 only; A vector (out), B scalar, C lora2 (2 in + 2), D and E none
-    return d.L * sum(out + 1 + (2 * inp + 2) for out, inp in ((3 * d.D, d.D), (d.D, d.H)))
-
-
 ROWS = [
     Row("visual-prompt", _visual_prompt),
     Row("visual-prompt", _visual_prompt, {"init_std": 0.0}, zero_init=True),
@@ -66,15 +45,4 @@ ROWS = [
     Row("side-tune", lambda d: _side_tune(d, 8), {"width": 8, "alpha_init": 0.5}),
     Row("lst", _lst),
     Row("lst", lambda d: _lst(d, 4, "mlp"), {"reduction": 4, "side_layer": "mlp"}),
-    Row("noah", lambda d: _noah(d, [8] * d.L, [8] * d.L, [10] * d.L)),
-    Row("noah", lambda d: _noah(d, [1, 0], [0, 4], [5, 0]),
-        {"adapter": (1, 0), "lora": (0, 4), "prompt": (5, 0)}, zero_init=False),
-    Row("noah", lambda d: _noah(d, [4] * d.L, [2] * d.L, [0] * d.L),
-        {"adapter": (4,), "lora": (2,), "prompt": (0,)}, zero_init=True),
-    Row("noah", lambda d: _noah(d, [8] * d.L, [8] * d.L, [10] * d.L), {"supernet": True}),
-    # D is "none": timm's random init leaves every bias at 0, where b * D can never train (D on
-    # non-zero biases is tested in test_methods_issue5.py and on the real DeiT)
-    Row("glora", _glora, {"D": "none"}),
-    Row("glora", _glora_small, {"targets": ("qkv", "fc2"), "A": "vector", "B": "scalar",
-                                "C": "lora2", "D": "none", "E": "none"}),
 ]

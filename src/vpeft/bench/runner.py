@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from vpeft.bench.suites import MethodEntry, Suite
 from vpeft.core.checkpoint import atomic_write_text
 from vpeft.engine import TrainConfig, train
+from vpeft.registry import missing_requirements
 
 log = logging.getLogger(__name__)
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -32,15 +33,12 @@ BENCH_FILE = "bench.json"
 
 
 def available(entry: MethodEntry) -> bool:
-    """``hf-lora`` runs only where Hugging Face PEFT is installed."""
-    if entry.name != "hf-lora":
-        return True
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        log.warning("skipping hf-lora: the peft package is not installed")
-        return False
-    return True
+    """Whether the packages the entry's method declares (``Method.requires``) are installed; a
+    method that lacks one is skipped with a warning, not failed after the runs before it."""
+    missing = missing_requirements(entry.name)
+    if missing:
+        log.warning("skipping %s: it needs %s (not installed)", entry.name, ", ".join(missing))
+    return not missing
 
 
 def settings(entry: MethodEntry) -> list[dict[str, Any]]:

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         "structure-preserving",
         "inference overhead",
         "memory-saving",
+        "searchable",
+        "requires",
     ):
         table.add_column(col)
     for r in rows:
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             yes[r["structure_preserving"]],
             yes[r["inference_overhead"]],
             yes[r["memory_saving"]],
+            yes[r["searchable"]],
+            ", ".join(r["requires"]) or "-",
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)

@@ -6,7 +6,10 @@ against what the method really does.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import importlib.util
+import random
+from collections.abc import Hashable
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -15,6 +18,43 @@ from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig
 from vpeft.core.surgery import NotMergeableError, Wrapper, replace_module, wrappers
 from vpeft.registry import MethodInfo
+
+
+class SearchSpace(Protocol):
+    """The subnets of a searchable (unified) method, as the engine's search uses them.
+
+    A candidate is any hashable value the space makes; the engine only passes it back. The
+    engine trains ``supernet_options()`` with a random :meth:`sample` set by :meth:`set_subnet`
+    before every step, scores candidates on a validation split, evolves them with
+    :meth:`mutate` / :meth:`crossover` under a budget of :meth:`params`, and retrains the winner
+    as ``subnet_options(best)``: an ordinary adapter of the same method.
+    """
+
+    def sample(self, rng: random.Random) -> Hashable: ...
+
+    def mutate(self, c: Any, rng: random.Random, m_prob: float, s_prob: float) -> Hashable: ...
+
+    def crossover(self, a: Any, b: Any, rng: random.Random) -> Hashable: ...
+
+    def params(self, c: Any) -> int:
+        """Trainable parameters (head excluded) of candidate ``c`` retrained as a subnet."""
+        ...
+
+    def bounds(self) -> tuple[int, int]:
+        """The fewest and the most parameters any candidate has (to check a budget early)."""
+        ...
+
+    def supernet_options(self) -> dict[str, Any]: ...
+
+    def subnet_options(self, c: Any) -> dict[str, Any]: ...
+
+    def set_subnet(self, model: nn.Module, c: Any) -> None:
+        """Make a supernet built with :meth:`supernet_options` compute candidate ``c``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The space as JSON (written to the search record)."""
+        ...
 
 
 class Method:
@@ -44,6 +84,10 @@ class Method:
     zero_init: ClassVar[bool] = False
     # trainable parameters whose name matches one of these globs get no weight decay (prompts ...)
     no_decay: ClassVar[tuple[str, ...]] = ()
+    # importable packages the method needs beyond vpeft's own (e.g. ("peft",))
+    requires: ClassVar[tuple[str, ...]] = ()
+    # whether search_space() is implemented (a method that ``vpeft search`` can search)
+    searchable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -81,6 +125,18 @@ class Method:
             wrapper.unfold()
             replace_module(model, path, wrapper)
 
+    # -- search and requirements ---------------------------------------------------------------
+    @classmethod
+    def search_space(cls, view: BackboneView, **space: Any) -> SearchSpace:
+        """The method's search space on a backbone (``space``: user overrides of its defaults)."""
+        raise ValueError(f"method '{cls.name}' has no search space; searchable methods are the "
+                         "unified ones listed by `vpeft methods` with searchable = yes")
+
+    @classmethod
+    def missing_requirements(cls) -> list[str]:
+        """The packages of ``requires`` that cannot be imported here."""
+        return [r for r in cls.requires if importlib.util.find_spec(r) is None]
+
     # -- description ---------------------------------------------------------------------------
     @classmethod
     def info(cls) -> MethodInfo:
@@ -93,5 +149,7 @@ class Method:
             structure_preserving=cls.structure_preserving,
             inference_overhead=cls.inference_overhead,
             memory_saving=cls.memory_saving,
+            requires=cls.requires,
+            searchable=cls.searchable,
             summary=doc[0] if doc else "",
         )

@@ -73,7 +73,7 @@ def train(config: TrainConfig,
     Returns what ``results.json`` holds. An existing run in ``config.out`` raises unless
     ``overwrite`` or ``resume`` is set. ``before_step(model)``, when given, is called with the
     adapted model before every forward pass and optimiser step, e.g. to draw a random subnet of
-    a NOAH supernet (``vpeft search``); it must act the same on every process.
+    a unified method's supernet (``vpeft search``); it must act the same on every process.
     """
     precision = resolve_precision(config.precision, config.cpu)
     accelerator = make_accelerator(precision, config.cpu)

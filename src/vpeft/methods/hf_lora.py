@@ -51,6 +51,7 @@ class HFLoRA(Method):
     structure_preserving = True
     inference_overhead = False
     zero_init = True
+    requires = ("peft",)
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: HFLoRAConfig = self.config

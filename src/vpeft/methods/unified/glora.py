@@ -11,19 +11,29 @@ with ``*`` elementwise (broadcast) and five support tensors, each of a chosen fo
 * ``C`` (in x 1): ``lora<r>``, ``vector`` or ``none``;
 * ``D``, ``E`` (out): ``vector``, ``scalar`` or ``none``.
 
-GLoRA searches these forms per layer with an evolutionary search over a weight-sharing supernet;
-this method takes the result: one form per tensor for every layer (defaults below), optionally
-overridden per layer with ``per_layer`` (``D`` is left out on layers without a bias). Every
-``down`` and every non-LoRA tensor starts at zero
-(as the reference code), so the adapted model starts equal to the base, and merging computes
-``W'`` and ``b'`` once, leaving a plain ``nn.Linear``.
+GLoRA finds these forms per layer in three stages, as the official code (``GLoRA/supernet.py``,
+``layer.py``, ``evolution.py`` in Arnav0400/ViT-Slim); ``vpeft search --method glora`` runs them:
+
+1. a supernet (``supernet=True``): every layer holds rank-``max_rank`` ``down``/``up`` pairs for
+   A, B and C and vectors D, E, and each step draws every layer's forms at random. The forms
+   share weights as in the official ``SuperScalableLinear``: ``lora<r>`` is the first ``r``
+   columns/rows of the pair, ``vector`` the first column of ``down``, ``scalar`` its first entry
+   (D and E: the vector and its first entry);
+2. an evolutionary search of per-layer forms under a parameter budget on a validation split
+   (:mod:`vpeft.methods.unified.glora_search`);
+3. the chosen forms retrained from scratch: ``per_layer`` below, one entry per layer.
+
+Without ``per_layer`` every layer takes the default forms below (``D`` is left out on layers
+without a bias). Every ``down`` and every non-LoRA tensor starts at zero and every ``up``
+Xavier-uniform (as the reference code), so the adapted model starts equal to the base, and
+merging computes ``W'`` and ``b'`` once, leaving a plain ``nn.Linear``.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +41,7 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, _bias_of
-from vpeft.core.method import Method
+from vpeft.core.method import Method, SearchSpace
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
 from vpeft.registry import register
@@ -64,8 +74,13 @@ class GLoRAConfig(MethodConfig):
     per_layer: tuple[str, ...] = option((), "Searched forms, one entry per targeted layer in model "
                                             "order, e.g. 'A=lora8;B=none;D=scalar' (others: "
                                             "the defaults above).")
+    supernet: bool = option(False, "Build GLoRA's weight-sharing supernet (stage 1 of `vpeft "
+                                   "search`): every form of every tensor, drawn per step.")
+    max_rank: int = option(4, "Supernet: rank of the shared A/B/C pairs (the official --rank 4).")
 
     def validate(self) -> None:
+        if self.max_rank < 1:
+            raise ValueError(f"glora max_rank must be >= 1, got {self.max_rank}")
         for layer in ("", *self.per_layer):
             self.forms(layer)
 
@@ -83,6 +98,11 @@ class GLoRAConfig(MethodConfig):
         return {t: parse_form(t, f) for t, f in chosen.items()}
 
 
+def target_paths(model: nn.Module, view: BackboneView, targets: tuple[str, ...]) -> list[str]:
+    """The Linear layers GLoRA adapts, in model order (the classifier heads left out)."""
+    return [p for p in find_modules(model, targets, nn.Linear) if not view.in_head(p)]
+
+
 class GLoRALinear(LinearUpdate):
     """``F.linear(x, W + W*A + B, b + b*D + E + W C)`` with the support tensors of ``forms``."""
 
@@ -96,19 +116,22 @@ class GLoRALinear(LinearUpdate):
             forms = {**forms, "D": ("none", 0)}  # b * D is 0 without a bias: no dead parameters
         self.forms = forms
         for t, (kind, rank) in forms.items():
-            if kind == "lora":  # down starts at zero, up as a Linear weight (Kaiming)
-                rows, cols = shapes[t]
-                down = nn.Parameter(base.weight.new_zeros(rows, rank))
-                self.register_parameter(f"{t}_down", down)
-                up = nn.Parameter(base.weight.new_empty(rank, cols))
-                nn.init.kaiming_uniform_(up, a=math.sqrt(5))
-                self.register_parameter(f"{t}_up", up)
+            if kind == "lora":
+                self._lora_pair(t, shapes[t], rank)
             elif kind == "vector":
                 size = shapes[t][0]
                 shape = (size, 1) if len(shapes[t]) == 2 else (size,)
                 self.register_parameter(t, nn.Parameter(base.weight.new_zeros(shape)))
             elif kind == "scalar":
                 self.register_parameter(t, nn.Parameter(base.weight.new_zeros(())))
+
+    def _lora_pair(self, t: str, shape: tuple[int, ...], rank: int) -> None:
+        """``t_down`` (rows x rank) at zero and ``t_up`` (rank x cols) Xavier-uniform."""
+        w = self.base.weight
+        self.register_parameter(f"{t}_down", nn.Parameter(w.new_zeros(shape[0], rank)))
+        up = nn.Parameter(w.new_empty(rank, shape[1]))
+        nn.init.xavier_uniform_(up)
+        self.register_parameter(f"{t}_up", up)
 
     def support(self, t: str) -> torch.Tensor | None:
         kind = self.forms[t][0]
@@ -158,6 +181,39 @@ class GLoRALinear(LinearUpdate):
             b /= 1 + d
 
 
+class SuperGLoRALinear(GLoRALinear):
+    """GLoRA's supernet layer: shared tensors from which every form of ``forms`` is sliced."""
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        full = {"A": ("lora", rank), "B": ("lora", rank), "C": ("lora", rank),
+                "D": ("vector", 0), "E": ("vector", 0)}
+        super().__init__(base, full)
+        self.capacity = rank
+        self.has_bias = base.bias is not None
+
+    def support(self, t: str) -> torch.Tensor | None:
+        kind, rank = self.forms[t]
+        if kind == "none":
+            return None
+        if t in ("D", "E"):
+            vec = getattr(self, t)
+            return vec if kind == "vector" else vec[0]
+        down, up = getattr(self, f"{t}_down"), getattr(self, f"{t}_up")
+        if kind == "lora":
+            return down[:, :rank] @ up[:rank]
+        return down[:, :1] if kind == "vector" else down[0, 0]
+
+    def set_forms(self, forms: dict[str, tuple[str, int]]) -> None:
+        """Compute with ``forms`` from now on (ranks up to the supernet's)."""
+        if not self.has_bias:
+            forms = {**forms, "D": ("none", 0)}
+        for t, (kind, rank) in forms.items():
+            if kind == "lora" and rank > self.capacity:
+                raise ValueError(f"glora {t}=lora{rank} exceeds the supernet's rank "
+                                 f"{self.capacity}")
+        self.forms = forms
+
+
 @register
 class GLoRA(Method):
     """GLoRA: W + W*A + B and b + b*D + E + W C per layer, with searched forms; mergeable."""
@@ -170,10 +226,21 @@ class GLoRA(Method):
     structure_preserving = True
     inference_overhead = False
     zero_init = True
+    searchable = True
+
+    @classmethod
+    def search_space(cls, view: BackboneView, **space: Any) -> SearchSpace:
+        from vpeft.methods.unified.glora_search import GLoRASpace  # the space needs the method
+
+        return GLoRASpace.for_view(view, **space)
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: GLoRAConfig = self.config
-        paths = [p for p in find_modules(model, cfg.targets, nn.Linear) if not view.in_head(p)]
+        paths = target_paths(model, view, cfg.targets)
+        if cfg.supernet:
+            for path in paths:
+                wrap(model, path, lambda m: SuperGLoRALinear(m, cfg.max_rank))
+            return
         if cfg.per_layer and len(cfg.per_layer) != len(paths):
             raise ValueError(f"glora per_layer has {len(cfg.per_layer)} entries but the targets "
                              f"match {len(paths)} layers")
