@@ -32,7 +32,7 @@ from vpeft.engine.checkpoint import (
     set_rng_state,
 )
 from vpeft.engine.config import TrainConfig
-from vpeft.engine.evaluate import evaluate
+from vpeft.engine.evaluate import EvalResult, evaluate
 from vpeft.engine.features import CachedHead, cache_kind, extract_features, trainable_heads
 from vpeft.engine.model import build_backbone
 from vpeft.engine.optim import build_optimizer
@@ -100,17 +100,9 @@ def train(config: TrainConfig,
 
     if run.main:
         vpeft.save(model, run.folder.path, overwrite=True)
-    result = evaluate(model, run.accelerator.prepare(
-        make_loader(eval_set, eval_batch_size(config), config.num_workers)),
-        run.accelerator, config.progress)
+    result = evaluate_once(run, config, model, eval_set)
     results = results_of(run, config, model, loop, result, len(train_set), cache)
-    if run.main:
-        run.folder.write_results(results)
-        run.folder.file(STATE_NAME).unlink(missing_ok=True)
-    run.log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s",
-            config.method, config.data, result.top1, config.eval_split, result.images,
-            loop.seconds, results["images_per_second"])
-    run.accelerator.wait_for_everyone()
+    finish_run(run, config, results)
     return results
 
 
@@ -308,7 +300,24 @@ def train_one_epoch(run: Run, config: TrainConfig, model: nn.Module, loop: Loop,
     return loss_sum / count, 100.0 * correct / count, int(count), lr
 
 
-def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, result: Any,
+def evaluate_once(run: Run, config: TrainConfig, model: nn.Module, eval_set: Any) -> EvalResult:
+    """Top-1 and loss of the trained model on the evaluation split (the only evaluation)."""
+    loader = make_loader(eval_set, eval_batch_size(config), config.num_workers)
+    return evaluate(model, run.accelerator.prepare(loader), run.accelerator, config.progress)
+
+
+def finish_run(run: Run, config: TrainConfig, results: dict[str, Any]) -> None:
+    """Write ``results.json`` and drop the resume state: the run is complete."""
+    if run.main:
+        run.folder.write_results(results)
+        run.folder.file(STATE_NAME).unlink(missing_ok=True)
+    run.log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s",
+            config.method, config.data, results["top1"], config.eval_split,
+            results["eval_images"], results["train_seconds"], results["images_per_second"])
+    run.accelerator.wait_for_everyone()
+
+
+def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, result: EvalResult,
                train_images: int, cache: str) -> dict[str, Any]:
     """What ``results.json`` holds: the run's settings, accuracy, parameter counts, speed."""
     summary = vpeft.summary(model)
