@@ -48,12 +48,25 @@ def get_method(name: str) -> type[Method]:
 
 
 def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
-    """Resolve a method name plus options, or a config object, to a config object."""
+    """Resolve a method name plus options, or a config object, to a config object.
+
+    Options given next to a config object must agree with it: ``LoRAConfig(rank=4)`` with
+    ``rank=8`` raises rather than silently picking one (repeating the same value is fine).
+    """
     from vpeft.core.config import MethodConfig
 
-    if isinstance(method, MethodConfig):
-        return method.replace(**options) if options else method
-    return get_method(method).config_cls.from_dict(options)
+    if not isinstance(method, MethodConfig):
+        return get_method(method).config_cls.from_dict(options)
+    if not options:
+        return method
+    resolved = method.replace(**options)  # coerces the options and rejects unknown ones
+    mine, theirs = method.to_dict(), resolved.to_dict()
+    conflicts = [f"{k}={mine[k]!r} in the config but {k}={options[k]!r} as an option"
+                 for k in options if mine[k] != theirs[k]]
+    if conflicts:
+        raise ValueError(f"conflicting values for method '{method.method}': "
+                         + "; ".join(conflicts) + "; give each option once")
+    return method
 
 
 def config_classes() -> dict[str, type[MethodConfig]]:

@@ -17,7 +17,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vpeft.core.state import adapt, adapter_state_dict, base_identity, get_state
+from vpeft.core.config import MethodConfig
+from vpeft.core.state import (
+    Rollback,
+    adapt,
+    adapter_state_dict,
+    base_identity,
+    check_module,
+    get_state,
+)
 from vpeft.registry import make_config
 
 FORMAT_VERSION = 1
@@ -69,19 +77,58 @@ def save(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked contents of ``directory/adapter_config.json``; :class:`CheckpointError` naming
+    the file and the problem when it is missing, not JSON, or lacks what a checkpoint holds."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no vpeft adapter at {directory}: {CONFIG_NAME} is missing")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {meta.get('format_version')}, "
             f"this vpeft reads {FORMAT_VERSION}"
         )
+    problems = [f"'{key}' must be {what}" for key, kind, what in _META_FIELDS
+                if not isinstance(meta.get(key), kind)]
+    base = meta.get("base")
+    if isinstance(base, dict):
+        problems += [f"'base' lacks '{k}'" for k in _BASE_FIELDS if k not in base]
+    if problems:
+        raise CheckpointError(f"{path} is not a vpeft adapter config: " + "; ".join(problems))
     return meta
+
+
+_META_FIELDS = (("method", str, "a method name"), ("config", dict, "a mapping of options"),
+                ("base", dict, "a mapping that describes the base model"))
+_BASE_FIELDS = ("architecture", "class", "num_classes", "shape_hash")
+
+
+def config_from_meta(meta: dict[str, Any], directory: str | os.PathLike) -> MethodConfig:
+    """The method config that ``meta`` (from :func:`read_config`) describes, checked."""
+    try:
+        return make_config(meta["method"], **meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        message = e.args[0] if e.args else e
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_NAME} holds a method config this vpeft cannot use: "
+            f"{message}"
+        ) from None
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of ``directory/adapter.safetensors``, read in full (so a cut file fails)."""
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 def check_base(
@@ -112,23 +159,41 @@ def load(model: nn.Module, directory: str | os.PathLike, strict_base: bool = Tru
 
     ``model`` is either a plain base model (it is adapted with the saved config first) or one
     already adapted with the same config. A mismatch in architecture, class count or config raises
-    :class:`CheckpointError` saying what differs.
+    :class:`CheckpointError` saying what differs. Everything is read and checked before the model
+    changes; if the saved tensors do not fit the adapted model, the adaptation is undone.
     """
+    check_module(model)
     meta = read_config(directory)
-    config = make_config(meta["method"], **meta["config"])
+    config = config_from_meta(meta, directory)
+    tensors = read_tensors(directory)
     state = get_state(model, required=False)
     if state is None:
         check_base(meta, model, directory, strict_base)
+        rollback = Rollback(model)  # the state attribute is not there yet: restore drops it
         adapt(model, config)
+        try:
+            check_tensors(model, tensors, directory)
+        except BaseException:
+            rollback.restore()
+            raise
     elif state.config != config:
         raise CheckpointError(
             f"model is adapted with {state.config.method} {state.config.to_dict()} but the "
             f"checkpoint at {directory} holds {config.method} {config.to_dict()}"
         )
-    try:
-        tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {Path(directory) / WEIGHTS_NAME}: {e}") from None
+    else:
+        check_tensors(model, tensors, directory)
+    with torch.no_grad():
+        current = model.state_dict(keep_vars=True)
+        for k, v in tensors.items():
+            current[k].copy_(v)
+    return model
+
+
+def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                  directory: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``tensors`` are exactly the adapted ``model``'s
+    trained and added tensors, with the same shapes."""
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -143,8 +208,3 @@ def load(model: nn.Module, directory: str | os.PathLike, strict_base: bool = Tru
                 f"tensor {k} has shape {tuple(v.shape)} in {directory} but "
                 f"{tuple(expected[k].shape)} in the model"
             )
-    with torch.no_grad():
-        current = model.state_dict(keep_vars=True)
-        for k, v in tensors.items():
-            current[k].copy_(v)
-    return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -45,7 +46,8 @@ class MethodConfig:
                 f"its options are: {sorted(known)}"
             )
         hints = typing.get_type_hints(cls)
-        kwargs = {k: _coerce(v, hints[k], k, cls.method) for k, v in values.items()}
+        owner = f"method '{cls.method}'"
+        kwargs = {k: coerce(v, hints[k], k, owner) for k, v in values.items()}
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> MethodConfig:
@@ -58,39 +60,82 @@ class MethodConfig:
         """Check option values; subclasses extend with ``super().validate()``."""
 
 
-def _coerce(value: Any, hint: Any, name: str, method: str) -> Any:
-    """Convert strings (from the CLI) and lists (from JSON) to the annotated type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_NONE = ("none", "null", "")
+
+
+def coerce(value: Any, hint: Any, name: str, owner: str = "") -> Any:
+    """Convert a Python, JSON, YAML or command-line ``value`` to the annotated type ``hint``.
+
+    The one set of rules for method options and training options, strict so that a typo never
+    becomes a different setting: a bool is ``true``/``false`` (also ``0``/``1`` and the strings
+    ``yes``/``no``/``on``/``off``), never ``2``; an int refuses ``8.7`` (``8.0`` is 8) and bools; a
+    float takes ints; a tuple takes a list or a comma-separated string; ``X | None`` takes
+    ``None`` / ``"none"``. ``owner`` (e.g. ``"method 'lora'"``) makes the error name where the
+    option belongs. Other annotations (dicts, classes) are returned unchanged.
+    """
+    where = f"option '{name}'" + (f" of {owner}" if owner else "")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or isinstance(hint, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name, method)
-    if origin is tuple:
+        return coerce(value, inner[0], name, owner) if len(inner) == 1 else value
+    if origin is tuple or hint is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} expects a list or comma-separated values, got {value!r}")
         elem = args[0] if args else str
-        return tuple(_coerce(v, elem, name, method) for v in value)
+        return tuple(coerce(v, elem, name, owner) for v in value)
     if hint is bool:
-        if isinstance(value, str):
-            lowered = value.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(
-                f"option '{name}' of method '{method}' expects a boolean, got {value!r}"
-            )
-        return bool(value)
-    if hint in (int, float, str):
+        return _to_bool(value, where)
+    if hint is int:
+        return _to_int(value, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{where} expects a number, got {value!r}")
         try:
-            return hint(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"option '{name}' of method '{method}' expects {hint.__name__}, got {value!r}"
-            ) from None
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} expects float, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where} expects str, got {value!r}")
+        return str(value)
     return value
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):  # `train_head=1` reads as YAML int 1
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{where} expects true or false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{where} expects int, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)  # "8.0" from a command line is 8; "8.7" is refused below
+            except ValueError:
+                raise ValueError(f"{where} expects int, got {value!r}") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{where} expects an integer, got {value!r}")
+        return int(value)
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"{where} expects int, got {value!r}")
 
 
 def is_dataclass_config(obj: Any) -> bool:

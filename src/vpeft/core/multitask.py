@@ -23,10 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.core.checkpoint import CONFIG_NAME, check_base, load, read_config, save
+from vpeft.core.checkpoint import (
+    CONFIG_NAME,
+    check_base,
+    config_from_meta,
+    load,
+    read_config,
+    save,
+)
 from vpeft.core.config import MethodConfig
 from vpeft.core.state import adapt, get_state
-from vpeft.registry import make_config
 
 
 class MultiTaskModel(nn.Module):
@@ -108,7 +114,7 @@ class MultiTaskModel(nn.Module):
         meta = read_config(directory)
         model = self._new_task(name, meta["base"]["num_classes"])
         check_base(meta, model, directory, strict_base)
-        adapt(model, make_config(meta["method"], **meta["config"]))
+        adapt(model, config_from_meta(meta, directory))
         self._own_trained(model)
         load(model, directory)
         self.tasks[name] = model

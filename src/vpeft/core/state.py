@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.backbones.base import get_view
+from vpeft.backbones.base import BackboneView, get_view
 from vpeft.core.config import MethodConfig
 from vpeft.core.method import Method
 from vpeft.core.surgery import Wrapper, freeze, mark_trainable
@@ -74,36 +74,85 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+class Rollback:
+    """What ``apply`` may change in a model, recorded without copying a tensor, so that a failed
+    :func:`adapt` (or :func:`vpeft.load`) leaves the model exactly as it was.
+
+    Methods change a model by composition: they replace sub-modules, add parameters, buffers and
+    hooks, set attributes and flip ``requires_grad``. The first four live in each module's
+    ``__dict__`` (``_modules``, ``_parameters``, ``_forward_pre_hooks`` ...), so a shallow copy of
+    every module's ``__dict__`` and of the containers in it, plus every parameter's flag, undoes
+    them all. Base tensors are never written in place by ``apply`` (only ``merge`` does that).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.modules = [(m, {k: _shallow(v) for k, v in m.__dict__.items()})
+                        for m in model.modules()]
+
+    def restore(self) -> None:
+        for module, saved in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+def _shallow(value: Any) -> Any:
+    return copy.copy(value) if isinstance(value, (dict, set, list)) else value
+
+
+def check_module(model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` is a torch module (a timm model, say)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"vpeft needs a torch.nn.Module (e.g. a timm model), got {type(model).__name__} "
+            f"{model!r:.60}"
+        )
+
+
 def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
     """Adapt ``model`` in place with a PEFT ``method`` and return it.
 
     ``method`` is a registered name (``"lora"``) with its options as keywords, or a config object
     (``vpeft.LoRAConfig(rank=8)``). Everything but the method's own parameters (and the classifier
-    head, unless ``train_head=False``) is frozen.
+    head, unless ``train_head=False``) is frozen. Validation comes first, and if the method fails
+    to apply (a missing part, a target that matches nothing) the model is restored as it was.
     """
+    check_module(model)
     if get_state(model, required=False) is not None:
         raise ValueError(
             "model is already adapted with "
             f"'{get_state(model).config.method}'; adapt a fresh base model instead"
         )
     config = make_config(method, **options)
+    impl = get_method(config.method)(config)
     view = get_view(model)
     base = base_identity(model)
     base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
-    impl = get_method(config.method)(config)
+    rollback = Rollback(model)
+    try:
+        _apply(model, impl, view)
+    except BaseException:
+        rollback.restore()
+        raise
+    current = model.state_dict(keep_vars=True)
+    added = {k for k, t in current.items() if id(t) not in base_tensors}
+    # head names as they are now (a method may wrap the head)
+    head_now = {k for k in current if view.in_head(k)}
+    model.__dict__[STATE_ATTR] = AdapterState(impl, config, base, added, head_now)
+    return model
+
+
+def _apply(model: nn.Module, impl: Method, view: BackboneView) -> None:
+    """Freeze ``model``, let the method change it, then make the head trainable if asked."""
     was_training = model.training
     freeze(model)
     impl.apply(model, view)
     model.train(was_training)  # new modules start in training mode; match the model's mode
-    if config.train_head:
+    if impl.config.train_head:
         for h in view.heads:
             mark_trainable(model.get_submodule(h).parameters())
-    current = model.state_dict(keep_vars=True)
-    added = {k for k, t in current.items() if id(t) not in base_tensors}
-    # head names as they are now (a method may wrap the head)
-    head_now = {k for k in current if any(k.startswith(h + ".") for h in view.heads)}
-    model.__dict__[STATE_ATTR] = AdapterState(impl, config, base, added, head_now)
-    return model
 
 
 def trainable_keys(model: nn.Module) -> set[str]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from vpeft.core.config import coerce as coerce_value
+
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -96,6 +98,13 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            # None is "same as batch_size"; 0 is a mistake, not a way to say "unset"
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1 (or unset), got {self.eval_batch_size}"),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"num_workers must be >= 0 (or unset), got {self.num_workers}"),
+            (self.img_size is None or self.img_size >= 1,
+             f"img_size must be >= 1 (or unset), got {self.img_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.warmup_ratio < 1,
@@ -206,30 +215,19 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def coerce(value: Any, hint: Any, name: str) -> Any:
-    """Convert a YAML / CLI value to the field's annotated type, with a clear error."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if type(None) in typing.get_args(hint):  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+    """Convert a YAML / CLI value to the field's annotated type, with a clear error.
+
+    ``KEY=VALUE`` dicts are read here; everything else follows the one set of rules that method
+    options follow too (:func:`vpeft.core.config.coerce`).
+    """
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    dict_hint = inner[0] if type(None) in typing.get_args(hint) and len(inner) == 1 else hint
+    if typing.get_origin(dict_hint) is dict or dict_hint is dict:
+        if value is None and dict_hint is not hint:
             return None
-        hint = args[0]
-    if typing.get_origin(hint) is dict or hint is dict:
         if isinstance(value, (str, list)):
             return parse_kv(value)
         if not isinstance(value, dict):
             raise ValueError(f"option '{name}' expects KEY=VALUE pairs, got {value!r}")
         return dict(value)
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
-                                                        "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        if not isinstance(value, bool):
-            raise ValueError(f"option '{name}' expects true or false, got {value!r}")
-        return value
-    if hint in (int, float, str):
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"option '{name}' expects an integer, got {value!r}")
-        try:
-            return hint(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"option '{name}' expects {hint.__name__}, got {value!r}") from None
-    return value
+    return coerce_value(value, hint, name)

@@ -8,6 +8,7 @@ exactly once whatever the number of processes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,11 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
                       seconds=time.perf_counter() - start, predictions=predictions)
 
 
+# VTAB-1k splits and the splits whose images they contain
+TRAINED_ON = {"train800val200": ("train800", "val200", "train800val200"),
+              "train800": ("train800",)}
+
+
 def load_run(run: str | Path, weights: str | None = None
              ) -> tuple[nn.Module, TrainConfig, list[str] | None]:
     """The model of run folder ``run`` (its backbone with its adapter loaded, on the CPU), its
@@ -96,15 +102,23 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str | None = N
     backbone weights (``weights`` replaces them, e.g. on another machine). With ``predictions``
     the result also lists the predicted class of every image, in data set order.
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or unset: the run's), got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (or unset), got {num_workers}")
     model, config, classes = load_run(run, weights)
     precision = config.precision if torch.cuda.is_available() and not cpu else "no"
     accelerator = make_accelerator(resolve_precision(precision, cpu), cpu=cpu)
     data = data or config.data
     split = split or config.splits[1]
+    if os.path.abspath(data) == config.data and split in TRAINED_ON.get(config.splits[0], ()):
+        logger.warning("the run trained on %s, which holds the images of %s: this accuracy is on "
+                       "training data, not held-out data", config.splits[0], split)
     dataset = open_dataset(data, split, classes=classes)
     dataset.transform = eval_transform(data_config(model, config.img_size))
-    loader = make_loader(dataset, batch_size or config.eval_batch_size or config.batch_size,
-                         num_workers)
+    if batch_size is None:
+        batch_size = config.eval_batch_size or config.batch_size  # saved values are >= 1
+    loader = make_loader(dataset, batch_size, num_workers)
     loader = accelerator.prepare(loader)
     model.to(accelerator.device)
     result = evaluate(model, loader, accelerator, show_progress)

@@ -8,8 +8,10 @@ import logging
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
+from vpeft.backbones.base import get_view
 from vpeft.backbones.factory import create_backbone
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ def build_backbone(name: str, num_classes: int, weights: str | None = None,
         close = difflib.get_close_matches(name, known, n=3)
         raise ValueError(f"unknown timm model '{name}'"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if size is not None:
+        check_img_size(name, size, args)
     try:
         return create_backbone(name, weights, num_classes, size, pretrained, **args)
     except TypeError as e:
@@ -46,3 +50,28 @@ def build_backbone(name: str, num_classes: int, weights: str | None = None,
         if weights and ("state_dict" in str(e) or "size mismatch" in str(e)):
             raise ValueError(f"weights {weights} do not fit {name}: {str(e)[:500]}") from None
         raise
+
+
+def check_img_size(name: str, img_size: int, model_args: dict[str, Any]) -> None:
+    """Refuse an ``img_size`` smaller than one patch of ``name``; warn when it is not a multiple
+    of the patch, since the patch embedding then drops the pixels that do not fill a patch.
+
+    The patch size comes from the model's view, on a weightless copy built on the meta device
+    (no memory, no download); a model that cannot be built there is left to the real build.
+    """
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, **model_args)
+        patch = get_view(probe).patch_size
+    except Exception:  # only a pre-check: the real build reports its own errors
+        return
+    if not patch:
+        return
+    if img_size < patch:
+        raise ValueError(f"img_size {img_size} is smaller than one {patch}x{patch}-pixel patch of "
+                         f"{name}; use at least {patch}, ideally a multiple of {patch}")
+    if img_size % patch:
+        logger.warning("img_size %d is not a multiple of %s's %d-pixel patch: the last %d pixels "
+                       "of every row and column are dropped (use %d or %d)", img_size, name, patch,
+                       img_size % patch, img_size - img_size % patch,
+                       img_size - img_size % patch + patch)

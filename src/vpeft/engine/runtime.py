@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import resource
@@ -14,15 +15,30 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
+logger = logging.getLogger(__name__)
+
+
+def on_cpu(cpu: bool = False) -> bool:
+    """Whether a run executes on the CPU: asked to, told so by accelerate, or no GPU there."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return cpu or forced or not torch.cuda.is_available()
+
 
 def resolve_precision(precision: str, cpu: bool = False) -> str:
-    """``auto`` -> ``bf16`` on a GPU that supports it, ``fp16`` on another GPU, ``no`` on a CPU."""
+    """The precision a run really uses, which is what its config and results record.
+
+    ``auto`` -> ``bf16`` on a GPU that supports it, ``fp16`` on another GPU, ``no`` on a CPU.
+    ``fp16`` on a CPU falls back to ``no`` with a warning: accelerate has no CPU fp16 autocast
+    and would otherwise run in fp32 while the run said fp16. (CPU ``bf16`` autocast exists.)
+    """
+    if on_cpu(cpu):
+        if precision == "fp16":
+            logger.warning("precision fp16 needs a GPU; this run is on the CPU and uses fp32 "
+                           "(precision 'no'), which is what its config and results record")
+            return "no"
+        return "no" if precision == "auto" else precision
     if precision != "auto":
         return precision
-    if cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return "no"
-    if not torch.cuda.is_available():
-        return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -33,8 +49,7 @@ def make_accelerator(precision: str, cpu: bool = False) -> Accelerator:
     the schedule and what one step sees do not depend on how many processes run. Without a GPU the
     processes of ``accelerate launch --multi_gpu`` / ``torchrun`` talk over gloo on the CPU.
     """
-    cpu = cpu or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision=precision,
+    return Accelerator(cpu=on_cpu(cpu), mixed_precision=precision,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 

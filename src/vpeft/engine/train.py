@@ -1,8 +1,10 @@
 """The training loop: ``train(TrainConfig) -> results``.
 
-Read top to bottom: run folder -> data -> backbone -> method -> (feature cache) -> optimizer ->
-epochs (a checkpoint after each) -> adapter -> one evaluation -> results. The same code runs on a
-CPU, one GPU or many (``accelerate launch``); ``batch_size`` is the global batch.
+:func:`train` reads top to bottom as the stages of a run, each a small function below it:
+prepare the run folder -> open the data -> build and adapt the model -> (train the head on cached
+features) -> optimiser (and resume) -> epochs (a checkpoint after each) -> save the adapter ->
+evaluate once -> results. The same code runs on a CPU, one GPU or many (``accelerate launch``);
+``batch_size`` is the global batch.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
 import vpeft
@@ -28,7 +32,7 @@ from vpeft.engine.checkpoint import (
     set_rng_state,
 )
 from vpeft.engine.config import TrainConfig
-from vpeft.engine.evaluate import evaluate
+from vpeft.engine.evaluate import EvalResult, evaluate
 from vpeft.engine.features import CachedHead, cache_kind, extract_features, trainable_heads
 from vpeft.engine.model import build_backbone
 from vpeft.engine.optim import build_optimizer
@@ -75,154 +79,264 @@ def train(config: TrainConfig,
     adapted model before every forward pass and optimiser step, e.g. to draw a random subnet of
     a unified method's supernet (``vpeft search``); it must act the same on every process.
     """
+    run = prepare_run(config)
+    if run.status == "complete":
+        run.log("%s is complete; its results are in %s", run.folder.path,
+                run.folder.file("results.json"))
+        return run.folder.read_results()
+    seed_everything(config.seed)
+    train_set, eval_set = open_data(config)
+    model, config = build_model(run, config, train_set, eval_set)
+    start_run_folder(run, config, train_set, eval_set)
+
+    reset_peak_memory()
+    model.to(run.accelerator.device)
+    start = time.perf_counter()
+    net, train_data, cache = head_on_cached_features(run, config, model, train_set)
+    prep_seconds = time.perf_counter() - start  # feature extraction counts as training time
+    loop = make_optimiser(run, config, model, net, train_data, cached=cache != "none")
+    loop.seconds += prep_seconds
+    run_epochs(run, config, model, loop, before_step)
+
+    if run.main:
+        vpeft.save(model, run.folder.path, overwrite=True)
+    result = evaluate_once(run, config, model, eval_set)
+    results = results_of(run, config, model, loop, result, len(train_set), cache)
+    finish_run(run, config, results)
+    return results
+
+
+@dataclass
+class Run:
+    """Where a run executes and writes: its accelerator and folder, and what the folder holds."""
+
+    accelerator: Accelerator
+    folder: RunDir
+    status: str  # new | resume | complete (RunDir.status)
+    saved: TrainConfig | None  # the config of the run being resumed
+    precision: str  # what the run really uses (resolve_precision)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, *args: Any) -> None:
+        """Log once: at info level on the main process, at debug level on the others."""
+        (logger.info if self.main else logger.debug)(*args)
+
+
+@dataclass
+class Loop:
+    """The moving parts of the epochs: what trains, its optimiser, schedule, data and history."""
+
+    net: nn.Module  # the model, or the head on cached features (accelerate-prepared)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    steps_per_epoch: int
+    first_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # training time so far, including the runs before a resume
+
+
+def prepare_run(config: TrainConfig) -> Run:
+    """The accelerator and the run folder's status; the saved config when resuming."""
     precision = resolve_precision(config.precision, config.cpu)
     accelerator = make_accelerator(precision, config.cpu)
-    main = accelerator.is_main_process
-    log = logger.info if main else logger.debug
-    run = RunDir(config.out)
-    status = run.status(config.overwrite, config.resume)
-    if status == "complete":
-        log("%s is complete; its results are in %s", run.path, run.file("results.json"))
-        return run.read_results()
-    saved = run.read_config() if status == "resume" else None
+    folder = RunDir(config.out)
+    status = folder.status(config.overwrite, config.resume)
+    saved = folder.read_config() if status == "resume" else None
+    return Run(accelerator, folder, status, saved, precision)
 
-    # -- data, backbone, method -------------------------------------------------------------------
-    seed_everything(config.seed)
+
+def open_data(config: TrainConfig) -> tuple[Any, Any]:
+    """The training and evaluation sets (the evaluation set uses the training set's classes)."""
     train_split, eval_split = config.splits
     train_set = open_dataset(config.data, train_split)
-    eval_set = open_dataset(config.data, eval_split, classes=train_set.classes)
+    return train_set, open_dataset(config.data, eval_split, classes=train_set.classes)
+
+
+def build_model(run: Run, config: TrainConfig, train_set: Any,
+                eval_set: Any) -> tuple[nn.Module, TrainConfig]:
+    """The adapted backbone, and the resolved config (checked against the resumed run's)."""
     model = build_backbone(config.model, train_set.num_classes, config.weights, config.pretrained,
-                            config.img_size, config.model_args)
+                           config.img_size, config.model_args)
     dcfg = data_config(model, config.img_size)
     vpeft.adapt(model, config.method, **config.method_args)
-    config = resolve(config, dcfg["input_size"][-1], precision)
-    if saved is not None and (diff := config.differences(saved)):
-        raise ValueError(f"cannot resume {run.path} with other settings:\n  " + "\n  ".join(diff))
+    config = resolve(config, dcfg["input_size"][-1], run.precision)
+    if run.saved is not None and (diff := config.differences(run.saved)):
+        raise ValueError(f"cannot resume {run.folder.path} with other settings:\n  "
+                         + "\n  ".join(diff))
     train_set.transform = eval_set.transform = eval_transform(dcfg)
     train_set.hflip_seed = config.seed if config.hflip else None
-    batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
-    for b in (batch, eval_batch):
-        if b % accelerator.num_processes:
-            raise ValueError(f"batch size {b} must be a multiple of the {accelerator.num_processes}"
-                             " processes (each takes an equal share of every batch)")
-    if len(train_set) < batch:
-        raise ValueError(f"batch size {batch} is larger than the {len(train_set)} training images")
-    accelerator.wait_for_everyone()  # every process has checked the folder before it changes
-    if main and status == "new":
-        run.clear()
-        run.write_config(config)
-        run.write_classes(train_set.classes)
-    log("training %s on %s (%d images, %s) -> %s (%d) with %s, %d process(es), precision %s",
-        config.model, train_split, len(train_set), train_set.layout, eval_split, len(eval_set),
-        config.method, accelerator.num_processes, precision)
+    return model, config
 
-    # -- what trains: the model, or only its head on cached backbone features ---------------------
-    reset_peak_memory()
-    model.to(accelerator.device)
-    start = time.perf_counter()
+
+def eval_batch_size(config: TrainConfig) -> int:
+    return config.batch_size if config.eval_batch_size is None else config.eval_batch_size
+
+
+def start_run_folder(run: Run, config: TrainConfig, train_set: Any, eval_set: Any) -> None:
+    """Check the batch sizes, then (a new run, main process) write config and classes."""
+    processes = run.accelerator.num_processes
+    for b in (config.batch_size, eval_batch_size(config)):
+        if b % processes:
+            raise ValueError(f"batch size {b} must be a multiple of the {processes} processes "
+                             "(each takes an equal share of every batch)")
+    if len(train_set) < config.batch_size:
+        raise ValueError(f"batch size {config.batch_size} is larger than the {len(train_set)} "
+                         "training images")
+    run.accelerator.wait_for_everyone()  # every process has checked the folder before it changes
+    if run.main and run.status == "new":
+        run.folder.clear()
+        run.folder.write_config(config)
+        run.folder.write_classes(train_set.classes)
+    run.log("training %s on %s (%d images, %s) -> %s (%d) with %s, %d process(es), precision %s",
+            config.model, config.train_split, len(train_set), train_set.layout,
+            config.eval_split, len(eval_set), config.method, processes, run.precision)
+
+
+def head_on_cached_features(run: Run, config: TrainConfig, model: nn.Module,
+                            train_set: Any) -> tuple[nn.Module, Any, str]:
+    """What trains, on what: ``(net, data, cache kind)``.
+
+    When only the head trains (and no augmentation changes the images), the frozen backbone runs
+    once over the training set and the head trains on its cached features: ``(CachedHead, feature
+    set, kind)``. Otherwise ``(model, train_set, "none")``.
+    """
     heads = trainable_heads(model) if config.cache_features and not config.hflip else None
-    if heads:
-        probe = torch.stack([train_set[i][0] for i in range(min(4, len(train_set)))])
-        cache = cache_kind(model, heads, probe.to(accelerator.device))
-        loader = accelerator.prepare(make_loader(train_set, eval_batch, config.num_workers))
-        train_data = extract_features(model, loader, accelerator, cache, config.progress)
-        net = CachedHead(model, heads, cache)
-        log("only the head trains: training it on cached %s features", cache)
-    else:
-        cache, train_data, net = "none", train_set, model
-    seconds = time.perf_counter() - start  # feature extraction counts as training time
+    if not heads:
+        return model, train_set, "none"
+    device = run.accelerator.device
+    probe = torch.stack([train_set[i][0] for i in range(min(4, len(train_set)))])
+    cache = cache_kind(model, heads, probe.to(device))
+    loader = run.accelerator.prepare(
+        make_loader(train_set, eval_batch_size(config), config.num_workers))
+    features = extract_features(model, loader, run.accelerator, cache, config.progress)
+    run.log("only the head trains: training it on cached %s features", cache)
+    return CachedHead(model, heads, cache), features, cache
 
-    steps_per_epoch = len(train_data) // batch
+
+def make_optimiser(run: Run, config: TrainConfig, model: nn.Module, net: nn.Module,
+                   train_data: Any, cached: bool) -> Loop:
+    """AdamW with warm-up and cosine decay, the shuffled loader, and (``--resume``) the state of
+    the interrupted run: tensors, optimiser, schedule, RNGs, scaler, history."""
+    steps_per_epoch = len(train_data) // config.batch_size
     optimizer, scheduler = build_optimizer(
         model, config.lr, config.weight_decay, vpeft.get_state(model).method.no_decay,
         steps_per_epoch * config.epochs, config.warmup_ratio)
-    first_epoch, history, state = 0, [], None
-    if status == "resume" and run.file(STATE_NAME).is_file():
-        state = load_training_state(run.file(STATE_NAME))
+    loop = Loop(net, optimizer, scheduler, None, steps_per_epoch)
+    state = None
+    if run.status == "resume" and run.folder.file(STATE_NAME).is_file():
+        state = load_training_state(run.folder.file(STATE_NAME))
         restore_model(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        first_epoch, history = state["epoch"], state["extra"]["history"]
-        seconds += state["extra"]["seconds"]
-        log("resuming %s after epoch %d of %d", run.path, first_epoch, config.epochs)
-    workers = 0 if heads else config.num_workers  # cached tensors need no loader processes
-    loader = make_loader(train_data, batch, workers, shuffle_seed=config.seed,
+        loop.first_epoch, loop.history = state["epoch"], state["extra"]["history"]
+        loop.seconds = state["extra"]["seconds"]
+        run.log("resuming %s after epoch %d of %d", run.folder.path, loop.first_epoch,
+                config.epochs)
+    workers = 0 if cached else config.num_workers  # cached tensors need no loader processes
+    loader = make_loader(train_data, config.batch_size, workers, shuffle_seed=config.seed,
                          persistent=not config.hflip)  # flips change with the epoch
-    net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
+    loop.net, loop.optimizer, loop.loader = run.accelerator.prepare(net, optimizer, loader)
     if state is not None:
         set_rng_state(state["rng"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        scaler = run.accelerator.scaler
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+    return loop
 
-    # -- the loop ---------------------------------------------------------------------------------
-    for epoch in range(first_epoch, config.epochs):
-        set_epoch(loader, epoch)  # data order (and flips) from (seed, epoch)
-        net.train()
+
+def run_epochs(run: Run, config: TrainConfig, model: nn.Module, loop: Loop,
+               before_step: Callable[[nn.Module], None] | None) -> None:
+    """The remaining epochs; after each, the metrics and (last) the state ``--resume`` reads."""
+    for epoch in range(loop.first_epoch, config.epochs):
         tic = time.perf_counter()
-        totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, images
-        bar = progress(loader, accelerator, config.progress,
-                       desc=f"epoch {epoch + 1}/{config.epochs}")
-        for images, labels in bar:
-            if before_step is not None:
-                before_step(model)
-            logits = net(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-            accelerator.backward(loss)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()  # per step: warm-up then cosine
-            optimizer.zero_grad(set_to_none=True)
-            n = labels.new_tensor(len(labels))
-            totals += torch.stack([loss.detach().float() * n, (logits.argmax(-1) == labels).sum(),
-                                   n]).float()
-            if not bar.disable:  # .item() waits for the GPU: only when someone watches
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-        loss_sum, correct, count = accelerator.reduce(totals, "sum").tolist()
+        loss, top1, images, lr = train_one_epoch(run, config, model, loop, epoch, before_step)
         elapsed = time.perf_counter() - tic
-        seconds += elapsed
-        history.append({"epoch": epoch + 1, "loss": loss_sum / count,
-                        "train_top1": 100.0 * correct / count, "lr": lr,
-                        "seconds": round(elapsed, 3), "images": int(count)})
-        if main:  # the state file is written last: it is what --resume continues from
-            run.write_metrics(history)
-            save_training_state(run.file(STATE_NAME), model, optimizer, scheduler,
-                                accelerator.scaler, epoch + 1,
-                                {"history": history, "seconds": seconds})
-        log("epoch %d/%d  loss %.4f  train top-1 %.2f%%  lr %.2e  %.1fs", epoch + 1,
-            config.epochs, loss_sum / count, 100.0 * correct / count, lr, elapsed)
-        accelerator.wait_for_everyone()
+        loop.seconds += elapsed
+        loop.history.append({"epoch": epoch + 1, "loss": loss, "train_top1": top1, "lr": lr,
+                             "seconds": round(elapsed, 3), "images": images})
+        if run.main:  # the state file is written last: it is what --resume continues from
+            run.folder.write_metrics(loop.history)
+            save_training_state(run.folder.file(STATE_NAME), model, loop.optimizer,
+                                loop.scheduler, run.accelerator.scaler, epoch + 1,
+                                {"history": loop.history, "seconds": loop.seconds})
+        run.log("epoch %d/%d  loss %.4f  train top-1 %.2f%%  lr %.2e  %.1fs", epoch + 1,
+                config.epochs, loss, top1, lr, elapsed)
+        run.accelerator.wait_for_everyone()
 
-    # -- save, evaluate once, report --------------------------------------------------------------
-    if main:
-        vpeft.save(model, run.path, overwrite=True)
-    eval_loader = accelerator.prepare(make_loader(eval_set, eval_batch, config.num_workers))
-    result = evaluate(model, eval_loader, accelerator, config.progress)
+
+def train_one_epoch(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, epoch: int,
+                    before_step: Callable[[nn.Module], None] | None
+                    ) -> tuple[float, float, int, float]:
+    """One pass over the data: ``(mean loss, train top-1 %, images, last lr)`` over processes."""
+    accelerator, net, optimizer = run.accelerator, loop.net, loop.optimizer
+    set_epoch(loop.loader, epoch)  # data order (and flips) from (seed, epoch)
+    net.train()
+    totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, images
+    bar = progress(loop.loader, accelerator, config.progress,
+                   desc=f"epoch {epoch + 1}/{config.epochs}")
+    lr = optimizer.param_groups[0]["lr"]
+    for images, labels in bar:
+        if before_step is not None:
+            before_step(model)
+        logits = net(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+        accelerator.backward(loss)
+        if config.grad_clip > 0:
+            accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        loop.scheduler.step()  # per step: warm-up then cosine
+        optimizer.zero_grad(set_to_none=True)
+        n = labels.new_tensor(len(labels))
+        totals += torch.stack([loss.detach().float() * n, (logits.argmax(-1) == labels).sum(),
+                               n]).float()
+        if not bar.disable:  # .item() waits for the GPU: only when someone watches
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+    loss_sum, correct, count = accelerator.reduce(totals, "sum").tolist()
+    return loss_sum / count, 100.0 * correct / count, int(count), lr
+
+
+def evaluate_once(run: Run, config: TrainConfig, model: nn.Module, eval_set: Any) -> EvalResult:
+    """Top-1 and loss of the trained model on the evaluation split (the only evaluation)."""
+    loader = make_loader(eval_set, eval_batch_size(config), config.num_workers)
+    return evaluate(model, run.accelerator.prepare(loader), run.accelerator, config.progress)
+
+
+def finish_run(run: Run, config: TrainConfig, results: dict[str, Any]) -> None:
+    """Write ``results.json`` and drop the resume state: the run is complete."""
+    if run.main:
+        run.folder.write_results(results)
+        run.folder.file(STATE_NAME).unlink(missing_ok=True)
+    run.log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s",
+            config.method, config.data, results["top1"], config.eval_split,
+            results["eval_images"], results["train_seconds"], results["images_per_second"])
+    run.accelerator.wait_for_everyone()
+
+
+def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, result: EvalResult,
+               train_images: int, cache: str) -> dict[str, Any]:
+    """What ``results.json`` holds: the run's settings, accuracy, parameter counts, speed."""
     summary = vpeft.summary(model)
-    train_images = sum(r["images"] for r in history)
-    memory, memory_kind = peak_memory_mb(accelerator.device)
-    results = {
+    seen = sum(r["images"] for r in loop.history)
+    memory, memory_kind = peak_memory_mb(run.accelerator.device)
+    return {
         "method": config.method, "model": config.model, "data": config.data,
-        "train_split": train_split, "split": eval_split, "top1": result.top1,
-        "eval_loss": result.loss, "eval_images": result.images, "train_images": len(train_set),
-        "epochs": config.epochs, "steps": steps_per_epoch * config.epochs,
-        "img_size": config.img_size, "batch_size": batch, "lr": config.lr, "seed": config.seed,
-        "trainable_params": summary.trainable,
+        "train_split": config.train_split, "split": config.eval_split, "top1": result.top1,
+        "eval_loss": result.loss, "eval_images": result.images, "train_images": train_images,
+        "epochs": config.epochs, "steps": loop.steps_per_epoch * config.epochs,
+        "img_size": config.img_size, "batch_size": config.batch_size, "lr": config.lr,
+        "seed": config.seed, "trainable_params": summary.trainable,
         "trainable_params_no_head": summary.trainable_no_head,
-        "total_params": summary.total, "train_seconds": seconds,
-        "images_per_second": train_images / max(seconds, 1e-9),
+        "total_params": summary.total, "train_seconds": loop.seconds,
+        "images_per_second": seen / max(loop.seconds, 1e-9),
         "eval_seconds": result.seconds, "eval_images_per_second": result.images_per_second,
         "peak_memory_mb": memory, "peak_memory_kind": memory_kind, "feature_cache": cache,
-        "processes": accelerator.num_processes, "device": str(accelerator.device),
-        "precision": precision,
+        "processes": run.accelerator.num_processes, "device": str(run.accelerator.device),
+        "precision": run.precision,
         "versions": {"vpeft": vpeft.__version__, "torch": torch.__version__,
                      "timm": __import__("timm").__version__},
     }
-    if main:
-        run.write_results(results)
-        run.file(STATE_NAME).unlink(missing_ok=True)
-    log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s", config.method,
-        config.data, result.top1, eval_split, result.images, seconds, results["images_per_second"])
-    accelerator.wait_for_everyone()
-    return results
