@@ -111,10 +111,7 @@ def prompt_masks(tokens: torch.Tensor) -> torch.Tensor:
     return tokens == 0  # (B, n, D): where dropout zeroed the tokens
 
 
-@pytest.mark.parametrize("method", ["vqt", "vpt-deep"])
-def test_prompt_dropout_draws_a_mask_per_sample(method: str):
-    """Two images of one batch get different dropout masks on the same prompt/query tokens
-    (dropping the (1, n, D) parameter before expanding it gave every image the same mask)."""
+def first_two_masks(method: str) -> tuple[torch.Tensor, torch.Tensor]:
     model = vpeft.adapt(tiny(), method, num_tokens=5, dropout=0.5).train()
     torch.manual_seed(0)
     if method == "vqt":
@@ -123,7 +120,24 @@ def test_prompt_dropout_draws_a_mask_per_sample(method: str):
         tokens = block_inputs(model.blocks[1].base, model, X)[0][:, 1:6]  # after the class token
     masks = prompt_masks(tokens)
     assert masks.any(), "dropout dropped nothing"
-    assert not torch.equal(masks[0], masks[1])
+    return masks[0], masks[1]
+
+
+def per_parameter_dropout(prompt, batch, dropout, training, dtype):
+    """The old form: one mask drawn on the (1, n, D) parameter, then expanded to the batch."""
+    return F.dropout(prompt, dropout, training).to(dtype).expand(batch, -1, -1)
+
+
+@pytest.mark.parametrize("method", ["vqt", "vpt-deep"])
+def test_prompt_dropout_draws_a_mask_per_sample(method: str, monkeypatch):
+    """Two images of one batch get different dropout masks on the same prompt/query tokens; the
+    same check on the old per-parameter dropout sees one shared mask (so it would have failed)."""
+    first, second = first_two_masks(method)
+    assert not torch.equal(first, second)
+    module = "vpeft.methods.addition." + ("vqt" if method == "vqt" else "vpt")
+    monkeypatch.setattr(f"{module}.expand_prompt", per_parameter_dropout)
+    first, second = first_two_masks(method)
+    assert torch.equal(first, second)
 
 
 # -- 4. side-tuning ------------------------------------------------------------------------------
