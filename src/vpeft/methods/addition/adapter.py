@@ -3,8 +3,8 @@
 ``y = f(x); y + up(act(down(y)))`` after the attention and/or the MLP of every block. ``up`` is
 zero-initialised, so the adapted model starts equal to the base.
 
-Houlsby et al. also train the LayerNorms of the backbone ("the layer normalization parameters
-... are also trained"), so ``train_norms=True`` is the default: the paper's method. The affine
+Houlsby et al. also train the layer normalisation parameters of the backbone beside the adapters,
+so ``train_norms=True`` is the default: the paper's method. The affine
 parameters of every normalisation layer outside the head (the blocks' and the final one) train in
 place (4D per block plus the final norm); ``train_norms=False`` trains the bottlenecks alone.
 """

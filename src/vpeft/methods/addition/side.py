@@ -7,12 +7,14 @@ pooling and a Linear to the backbone width; its vector is blended into every fin
 after the backbone's final norm, so the model's own pooling and head read the blend unchanged.
 
 ``alpha`` is not learned (a learned ``alpha`` that starts at 1 gives the side network exactly zero
-gradient, ``1 - alpha = 0``, until ``alpha`` drifts). As the paper, it is either a fixed
-hyper-parameter (``alpha``, 0.5 by default, so the side network learns from the first step and the
-model does not start equal to the base), or follows a curriculum: with ``curriculum=N`` it decays
-linearly from 1 towards ``alpha`` over the first ``N`` training forward passes (``alpha_t = 1 -
-(1 - alpha) * min(1, (t + 1) / N)``, already below 1 on the first pass) and stays at ``alpha``
-after. The pass counter is a buffer saved with the adapter, so a resumed run continues the schedule.
+gradient, ``1 - alpha = 0``, until ``alpha`` drifts). The paper uses a fixed hyper-parameter or
+a curriculum that moves ``alpha`` from 1 towards 0; here ``alpha`` is fixed (0.5 by default, so
+the side network learns from the first step and the model does not start equal to the base), or
+with ``curriculum=N`` it decays linearly (vpeft's choice of shape) from 1 towards ``alpha`` over
+the first ``N`` training forward passes (``alpha_t = 1 - (1 - alpha) * min(1, (t + 1) / N)``,
+already below 1 on the first pass, so the model starts as the base and the side network still
+gets gradient on step 1) and stays at ``alpha`` after. The pass counter is a buffer saved with
+the adapter, so a resumed run continues the schedule.
 The image is picked up by a :class:`~vpeft.core.side.FeatureTap` on the input stem, which also runs
 the backbone without autograd: nothing is back-propagated through it (memory-saving).
 """
