@@ -233,7 +233,8 @@ def test_fact_delta_is_the_explicit_tensor_reconstruction(method):
 
 # -- KAdaptation ---------------------------------------------------------------------------------
 def test_kadaptation_delta_is_a_sum_of_kronecker_products():
-    model = vpeft.adapt(tiny_model(), "kadaptation", n=4, rank=2, scale=5.0)
+    model = vpeft.adapt(tiny_model(), "kadaptation", n=4, rank=2, scale=5.0,
+                        q_after_scale=False)
     perturb(model)
     layer, other = model.blocks[0].attn.qkv, model.blocks[1].attn.qkv
     assert layer.slow is other.slow  # slow weights are shared across layers

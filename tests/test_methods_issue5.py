@@ -45,12 +45,6 @@ def test_token_methods_keep_the_token_layout(method: str, kind: str) -> None:
         torch.testing.assert_close(model.forward_features(X), base.forward_features(X))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_prefix_of_length_zero_is_the_base_model(kind: str) -> None:
-    base, model = tiny_model(kind), vpeft.adapt(tiny_model(kind), "prefix", num_tokens=0)
-    torch.testing.assert_close(model.forward_features(X), base.forward_features(X))
-
-
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_prefix_attention_with_no_prefix_equals_timm(fused: bool, qk_norm: bool) -> None:

@@ -19,6 +19,11 @@ def _biases(d: Dims) -> int:
     return d.L * (3 * d.D + d.D + d.H + d.D + 2 * d.D) + d.D + d.D * d.ln_final
 
 
+def _norms(d: Dims) -> int:
+    """Weights and biases of norm1/norm2 per block and the final norm (or fc_norm)."""
+    return d.L * 4 * d.D + 2 * d.D * d.ln_final
+
+
 def _ssf(d: Dims) -> int:
     # 2 x channels after: patch conv, qkv, proj, fc1, fc2, norm1, norm2 (per block), final norm
     return 2 * (d.D + d.L * (3 * d.D + d.D + d.H + d.D + 2 * d.D) + d.D * d.ln_final)
@@ -37,9 +42,12 @@ ROWS = [
     ),
     Row("ssf", _ssf),
     Row("ssf", _ssf, {"init_std": 0.0}, zero_init=True),
-    Row("adapter", lambda d: d.L * 2 * (2 * d.D * 8 + 8 + d.D)),
-    Row("adapter", lambda d: d.L * (2 * d.D * 4 + 4 + d.D), {"dim": 4, "positions": ("mlp",)}),
-    Row("adaptformer", lambda d: d.L * (2 * d.D * 64 + 64 + d.D)),
+    # Houlsby's default trains the norms too: 4 D per block (norm1, norm2) and the final norm
+    Row("adapter", lambda d: d.L * 2 * (2 * d.D * 8 + 8 + d.D) + _norms(d)),
+    Row("adapter", lambda d: d.L * (2 * d.D * 4 + 4 + d.D),
+        {"dim": 4, "positions": ("mlp",), "train_norms": False}),
+    Row("adaptformer", lambda d: d.L * (2 * d.D * 8 + 8 + d.D)),
+    Row("adaptformer", lambda d: d.L * (2 * d.D * 64 + 64 + d.D), {"dim": 64, "input": "norm"}),
     Row("vpt-shallow", lambda d: 10 * d.D),
     Row("vpt-deep", lambda d: d.L * 5 * d.D, {"num_tokens": 5}),
 ]

@@ -19,8 +19,8 @@ def _prefix_reparam(d: Dims, p: int = 4, h: int = 16) -> int:
 
 
 def _side_tune(d: Dims, w: int = 32) -> int:
-    # conv(C -> w, patch x patch) + conv(w -> w, 3 x 3) + Linear(w, D) + alpha
-    return (d.C * w * d.patch**2 + w) + (9 * w * w + w) + (w * d.D + d.D) + 1
+    # conv(C -> w, patch x patch) + conv(w -> w, 3 x 3) + Linear(w, D); alpha is not learned
+    return (d.C * w * d.patch**2 + w) + (9 * w * w + w) + (w * d.D + d.D)
 
 
 def _lst(d: Dims, r: int = 8, layer: str = "block") -> int:
@@ -41,8 +41,9 @@ ROWS = [
     # the head's path, so it is in `trainable` but not in `trainable_no_head`.
     Row("vqt", lambda d: d.L * 10 * d.D),
     Row("vqt", lambda d: d.L * 2 * d.D, {"num_tokens": 2, "pool": "mean"}),
+    Row("vqt", lambda d: d.L * 3 * d.D, {"num_tokens": 3, "normalize": False}),
     Row("side-tune", _side_tune),
-    Row("side-tune", lambda d: _side_tune(d, 8), {"width": 8, "alpha_init": 0.5}),
+    Row("side-tune", lambda d: _side_tune(d, 8), {"width": 8, "alpha": 0.2, "curriculum": 4}),
     Row("lst", _lst),
     Row("lst", lambda d: _lst(d, 4, "mlp"), {"reduction": 4, "side_layer": "mlp"}),
 ]

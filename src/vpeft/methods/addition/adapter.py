@@ -2,6 +2,11 @@
 
 ``y = f(x); y + up(act(down(y)))`` after the attention and/or the MLP of every block. ``up`` is
 zero-initialised, so the adapted model starts equal to the base.
+
+Houlsby et al. also train the layer normalisation parameters of the backbone beside the adapters,
+so ``train_norms=True`` is the default: the paper's method. The affine
+parameters of every normalisation layer outside the head (the blocks' and the final one) train in
+place (4D per block plus the final norm); ``train_norms=False`` trains the bottlenecks alone.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import Bottleneck, Bypass
 from vpeft.core.method import Method
-from vpeft.core.surgery import wrap
+from vpeft.core.surgery import mark_trainable, wrap
+from vpeft.methods.partial.ln_tune import norm_params
 from vpeft.registry import register
 
 
@@ -25,6 +31,8 @@ class AdapterConfig(MethodConfig):
     act: str = option("gelu", "Activation inside the bottleneck.")
     dropout: float = option(0.0, "Dropout inside the bottleneck.")
     scale: float = option(1.0, "Multiplier of the adapter's output.")
+    train_norms: bool = option(True, "Also train the backbone's LayerNorms, as Houlsby et al. do "
+                                     "(default); False trains the bottlenecks only.")
 
     def validate(self) -> None:
         if self.dim < 1:
@@ -70,3 +78,8 @@ class Adapter(BlockAdapterMethod):
 
     name = "adapter"
     config_cls = AdapterConfig
+
+    def apply(self, model: nn.Module, view: BackboneView) -> None:
+        super().apply(model, view)
+        if self.config.train_norms:
+            mark_trainable(norm_params(model, view))

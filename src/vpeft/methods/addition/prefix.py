@@ -2,7 +2,7 @@
 
 Every attention layer gets ``P`` learned key and value vectors put in front of its own:
 ``softmax(q [K_p; K]^T * scale) [V_p; V]``. The queries, and so the token sequence the head reads,
-are unchanged. With ``P = 0`` the wrapped attention computes exactly what timm's does.
+are unchanged. ``P`` must be at least 1 (``P = 0`` would train the head only).
 
 Li & Liang train the prefixes through a reparameterisation, ``[K_p; V_p] = MLP(E)`` with a small
 embedding ``E`` (P x D) and an MLP ``D -> hidden -> L * 2 * D``, for stability, and keep only the
@@ -32,15 +32,15 @@ ENCODER = "prefix_encoder"  # where the reparameterisation MLP lives on the root
 
 @dataclass
 class PrefixConfig(MethodConfig):
-    num_tokens: int = option(10, "Prefix length P (keys and values per layer); 0 = plain "
-                                 "attention.")
+    num_tokens: int = option(10, "Prefix length P (keys and values per layer), >= 1.")
     reparam_hidden: int = option(0, "Hidden width of the reparameterisation MLP (Li & Liang use "
                                     "512); 0 = learn the prefixes directly.")
     init_std: float = option(0.02, "Std of the normal init of direct prefixes (or of E).")
 
     def validate(self) -> None:
-        if self.num_tokens < 0:
-            raise ValueError(f"prefix num_tokens must be >= 0, got {self.num_tokens}")
+        if self.num_tokens < 1:
+            raise ValueError(f"prefix num_tokens must be >= 1 (0 would train the head only and "
+                             f"not be prefix-tuning), got {self.num_tokens}")
         if self.reparam_hidden < 0:
             raise ValueError(f"prefix reparam_hidden must be >= 0, got {self.reparam_hidden}")
 
@@ -106,10 +106,6 @@ class Prefix(Method):
     family = "addition"
     subfamily = "prefix"
     no_decay = ("*prefix_k", "*prefix_v", f"{ENCODER}.embedding")
-
-    @property
-    def zero_init(self) -> bool:  # type: ignore[override]
-        return self.config.num_tokens == 0
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         view.require("blocks", "attn", "sequence_tokens", method=self.name)

@@ -13,22 +13,30 @@ backbone's own tokens (memory-saving, as the paper stresses).
 
 The head's input grows from ``D`` to ``D + L * T * D`` (``D + L * D`` with ``pool='mean'``), so each
 head in ``view.heads`` is re-created: the new Linear copies the old weights onto the pooled feature
-and starts at zero on the query features, so the adapted model starts equal to the base. Its
-parameters live under the head's path and count as head parameters (``train_head`` must be True).
+and starts at zero on the query features. Its parameters live under the head's path and count as
+head parameters (``train_head`` must be True).
+
+As the official code (``NORMALIZE_FEATS=True``), each group of features (the pooled feature, and
+each block's flattened or averaged query outputs) is L2-normalised before the head. That changes
+what the copied head computes on the pooled feature, so with ``normalize=True`` (the default) the
+adapted model does *not* start equal to the base (``zero_init`` is False; for a new task the head
+is fresh anyway). ``normalize=False`` keeps the raw features, and then the model starts as the base.
+Dropout on the queries is drawn per sample (:func:`~vpeft.core.prompts.expand_prompt`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.attention import attend, check_attention, project_out, project_qkv
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.method import Method
+from vpeft.core.prompts import expand_prompt, init_prompt
 from vpeft.core.side import Stash
 from vpeft.core.surgery import Wrapper, wrap
 from vpeft.registry import register
@@ -39,7 +47,11 @@ class VQTConfig(MethodConfig):
     num_tokens: int = option(10, "Query tokens T per block.")
     pool: str = option("concat", "How the head reads each block's T query outputs: 'concat' "
                                  "(flatten, the paper's default) or 'mean'.")
-    dropout: float = option(0.0, "Dropout on the query tokens (the official scripts use 0.1).")
+    dropout: float = option(0.0, "Dropout on the query tokens, a mask per sample (the official "
+                                 "scripts use 0.1).")
+    normalize: bool = option(True, "L2-normalise each feature group (pooled feature, each block's "
+                                   "queries) before the head, as the official code; True means "
+                                   "the model does not start equal to the base.")
 
     def validate(self) -> None:
         if self.num_tokens < 1:
@@ -80,7 +92,7 @@ class QueryBlock(Wrapper):
         super().__init__(base)
         self.attn_path, self.first = attn_path, first
         self.query = nn.Parameter(query)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.__dict__["outputs"] = outputs  # shared with the heads; not a module attribute
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -90,7 +102,7 @@ class QueryBlock(Wrapper):
         out = self.base(x, *args, **kwargs)
         attn.cross = True
         try:
-            queries = self.dropout(self.query).to(x.dtype).expand(x.shape[0], -1, -1)
+            queries = expand_prompt(self.query, x.shape[0], self.dropout, self.training, x.dtype)
             self.outputs.append(self.base(queries))  # (B, T, D)
         finally:
             attn.cross, attn.kv = False, None
@@ -100,16 +112,18 @@ class QueryBlock(Wrapper):
 class QueryHead(Wrapper):
     """``base([pooled, queries of block 1 .. L])`` with ``base`` the new, wider Linear."""
 
-    def __init__(self, base: nn.Linear, outputs: Stash, pool: str) -> None:
+    def __init__(self, base: nn.Linear, outputs: Stash, pool: str, normalize: bool) -> None:
         super().__init__(base)
-        self.pool = pool
+        self.pool, self.normalize = pool, normalize
         self.__dict__["outputs"] = outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.outputs:
             raise RuntimeError("VQT head called without query features: run the whole model")
-        feats = [q.mean(1) if self.pool == "mean" else q.flatten(1) for q in self.outputs]
-        return self.base(torch.cat([x, *feats], dim=-1))
+        feats = [x, *(q.mean(1) if self.pool == "mean" else q.flatten(1) for q in self.outputs)]
+        if self.normalize:  # one unit vector per group: (B, D), (B, T * D) ...
+            feats = [F.normalize(f, dim=-1) for f in feats]
+        return self.base(torch.cat(feats, dim=-1))
 
 
 def widen_head(head: nn.Linear, extra: int) -> nn.Linear:
@@ -133,8 +147,11 @@ class VQT(Method):
     family = "addition"
     subfamily = "prompt"
     memory_saving = True
-    zero_init = True
     no_decay = ("*query",)
+
+    @property
+    def zero_init(self) -> bool:  # type: ignore[override]
+        return not self.config.normalize
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         view.require("blocks", "attn", "sequence_tokens", "heads", method=self.name)
@@ -143,10 +160,8 @@ class VQT(Method):
         for i in range(view.depth):
             check_attention(model.get_submodule(view.block_part(i, "attn")), self.name)
             wrap(model, view.block_part(i, "attn"), CachedKVAttention)
-            dim = view.block_dims[i]
             # VPT's uniform init with the patch/width fan (the official code reuses it)
-            bound = math.sqrt(6.0 / (view.in_chans * (view.patch_size or 16) ** 2 + dim))
-            query = torch.empty(1, cfg.num_tokens, dim).uniform_(-bound, bound)
+            query = init_prompt(cfg.num_tokens, view.block_dims[i], view)
             wrap(model, view.blocks[i], lambda b, q=query, i=i: QueryBlock(
                 b, view.attn, q, cfg.dropout, outputs, first=i == 0))
         per_block = 1 if cfg.pool == "mean" else cfg.num_tokens
@@ -155,4 +170,5 @@ class VQT(Method):
             head = model.get_submodule(path)
             if not isinstance(head, nn.Linear):
                 raise ValueError(f"vqt re-creates Linear heads; {path} is {type(head).__name__}")
-            wrap(model, path, lambda h: QueryHead(widen_head(h, extra), outputs, cfg.pool))
+            wrap(model, path, lambda h: QueryHead(widen_head(h, extra), outputs, cfg.pool,
+                                                           cfg.normalize))
