@@ -96,6 +96,10 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1 (or unset), got {self.eval_batch_size}"),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"num_workers must be >= 0 (or unset), got {self.num_workers}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.warmup_ratio < 1,

@@ -109,7 +109,7 @@ def train(config: TrainConfig,
         raise ValueError(f"batch size {batch} is larger than the {len(train_set)} training images")
     accelerator.wait_for_everyone()  # every process has checked the folder before it changes
     if main and status == "new":
-        run.clear()
+        run.start()  # over an old run (--overwrite): staged beside it until finish()
         run.write_config(config)
         run.write_classes(train_set.classes)
     log("training %s on %s (%d images, %s) -> %s (%d) with %s, %d process(es), precision %s",
@@ -222,6 +222,7 @@ def train(config: TrainConfig,
     if main:
         run.write_results(results)
         run.file(STATE_NAME).unlink(missing_ok=True)
+        run.finish()
     log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s", config.method,
         config.data, result.top1, eval_split, result.images, seconds, results["images_per_second"])
     accelerator.wait_for_everyone()
