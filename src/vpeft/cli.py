@@ -37,7 +37,8 @@ def _commands() -> dict[str, ModuleType]:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or with ``only`` the flags of that one command alone (the
-    others are listed with their help line, but their flags, and what they import, are skipped)."""
+    others are listed with their help line, but their flags, and what they import, are skipped;
+    ``only=""`` skips every command's flags)."""
     parser = argparse.ArgumentParser(
         prog="vpeft",
         description="Parameter-efficient fine-tuning of pre-trained vision models.",
@@ -86,7 +87,8 @@ def error_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(only=_chosen(argv)).parse_args(argv)
+    # no command named (`vpeft --help`): only the list of commands, no command's flags
+    args = build_parser(only=_chosen(argv) or "").parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
