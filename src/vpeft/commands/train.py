@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def _check_unchanged(saved: dict[str, Any], given: dict[str, Any], path: Path) -
         if isinstance(saved.get(key), dict) and isinstance(value, dict):
             merged[key] = {**saved[key], **value}
         elif key in ("data", "weights") and value:
-            merged[key] = str(Path(value).resolve())
+            merged[key] = os.path.abspath(value)  # as the run saved it
         else:
             merged[key] = value
     diff = TrainConfig.from_dict(merged).differences(TrainConfig.from_dict(saved))
