@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,8 +118,14 @@ def test_resume_needs_only_the_folder(data: Path, tmp_path: Path,
     code, stdout, _ = vpeft(capsys, "train", "--resume", "--out", out)
     assert code == 0 and json.loads(stdout)["method"] == "bitfit"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    code, _, err = vpeft(capsys, "train", "--resume", "--out", out, "--epochs", "5")
-    assert code == 0  # complete: left as it is
+    before = (out / "results.json").read_text()
+    code, stdout, err = vpeft(capsys, "train", "--resume", "--out", out, "--epochs", "2",
+                              "--data", data)  # finished, same settings: its results
+    assert code == 0 and json.loads(stdout)["top1"] == json.loads(before)["top1"]
+    code, _, err = vpeft(capsys, "train", "--resume", "--out", out, "--epochs", "5",
+                         "--method-args", "targets=[qkv]")  # finished, other settings: refused
+    assert code == 2 and "finished run with other settings" in err and "epochs: 5 != 2" in err
+    assert (out / "results.json").read_text() == before
     (out / "results.json").unlink()
     (out / "train_state.pt").write_bytes(b"")
     code, _, err = vpeft(capsys, "train", "--resume", "--out", out, "--epochs", "5")
@@ -169,3 +180,122 @@ def test_parse_kv() -> None:
         "rank": 8, "alpha": 16.0, "targets": ["qkv", "fc1"], "qkv": "qv", "flag": True}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_kv(["rank"])
+
+
+def test_help_and_parser_do_not_import_torch() -> None:
+    """Start-up: `vpeft --help`, `vpeft train --help` and building every flag of train stay
+    light (torch and timm take seconds to import)."""
+    code = ("import sys, contextlib, io\n"
+            "from vpeft.cli import build_parser, main\n"
+            "for argv in (['--help'], ['train', '--help'], ['eval', '--help'],\n"
+            "             ['report', '--help'], ['bench', '--help'], ['profile', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "build_parser(only='train')\n"
+            "import vpeft, vpeft.engine.config\n"
+            "print(sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_lazy_package_names() -> None:
+    """`import vpeft` then `vpeft.engine.train(...)` works, and the functions train / evaluate /
+    search win over their same-named modules as they did when imported eagerly."""
+    import vpeft
+    import vpeft.engine.train  # sets the package attribute `train` (to the function, see above)
+
+    assert callable(vpeft.engine.train) and vpeft.engine.train.__name__ == "train"
+    from vpeft.engine import TrainConfig, evaluate, train
+
+    assert train is importlib.import_module("vpeft.engine.train").train
+    assert callable(evaluate) and TrainConfig.__name__ == "TrainConfig"
+    assert sorted(vpeft.__all__) == sorted(vpeft._EXPORTS)
+    assert vpeft.LoRAConfig().rank >= 1
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_finished(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    args = ["train", *TINY_ARGS, *FAST, "--data", data, "--out", out]
+    assert vpeft(capsys, *args, "--method", "bitfit")[0] == 0
+    (out / "notes.txt").write_text("mine")  # a user's file in the run folder
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    evaluate_module = importlib.import_module("vpeft.engine.train")
+
+    def fail(*a, **k):
+        raise ValueError("the evaluation failed")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fail)
+    code, _, err = vpeft(capsys, *args, "--method", "ssf", "--overwrite")
+    assert code == 2 and "the evaluation failed" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # old run untouched
+    monkeypatch.undo()
+    assert vpeft(capsys, *args, "--method", "ssf", "--overwrite")[0] == 0
+    assert json.loads((out / "results.json").read_text())["method"] == "ssf"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
+    assert "train_state.pt" not in {p.name for p in out.iterdir()}
+
+
+def test_run_files_respect_the_umask(data: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert vpeft(capsys, "train", *TINY_ARGS, *FAST, "--data", data, "--method", "linear",
+                     "--out", out)[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_eval_prints_before_a_failing_output_and_warns_on_training_data(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert vpeft(capsys, "train", *TINY_ARGS, *FAST, "--data", data, "--method", "linear",
+                 "--out", out)[0] == 0
+    checkpoint = importlib.import_module("vpeft.core.checkpoint")
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full_disk)
+    with caplog.at_level(logging.WARNING):
+        code, stdout, err = vpeft(capsys, "eval", "--run", out, "--split", "val200", "--output",
+                                  tmp_path / "ev.json")
+    assert json.loads(stdout)["images"] == 8  # the result is there although the write failed
+    assert code == 2 and f"No space left on device: {tmp_path / 'ev.json'}" in err
+    assert any("training data" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        vpeft(capsys, "eval", "--run", out, "--split", "test")
+    assert not any("training data" in r.message for r in caplog.records)
+
+
+def test_img_size_that_patches_do_not_tile_warns(data: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    dims = [f"{k}={v}" for k, v in TINY_DIMS.items() if k != "img_size"]
+    with caplog.at_level(logging.WARNING):
+        code = vpeft(capsys, "train", "--model", "vit_tiny_patch16_224", "--no-pretrained",
+                     "--model-args", *dims, "--img-size", "36", *FAST, "--data", data,
+                     "--method", "linear", "--out", tmp_path / "run")[0]
+    assert code == 0
+    assert any("not a multiple of the patch size 8" in r.message and "4 dropped" in r.message
+               for r in caplog.records)
+
+
+def test_a_runs_config_yaml_starts_a_new_run(data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "a"
+    assert vpeft(capsys, "train", *TINY_ARGS, *FAST, "--data", data, "--method", "linear",
+                 "--out", out)[0] == 0
+    code, _, err = vpeft(capsys, "train", "--config", out / "config.yaml")
+    assert code == 2 and "--out" in err and "already holds" not in err
+    assert vpeft(capsys, "train", "--config", out / "config.yaml", "--out", tmp_path / "b")[0] == 0

@@ -18,15 +18,29 @@ from vpeft.bench.suites import TASK_GROUP
 from vpeft.core.checkpoint import atomic_write_text
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a cut or foreign file raises a ``ValueError`` naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is it cut short? "
+                         "delete it or run that job again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def collect(results_dir: Path) -> list[dict[str, Any]]:
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results folder {results_dir} does not exist or is not a folder")
     rows = []
     for path in sorted(results_dir.rglob("results.json")):
-        r = json.loads(path.read_text())
+        r = read_json(path)
         if r.get("split", "test") != "test":  # hyper-parameter runs (val200) are not results
             continue
         bench = path.parent / "bench.json"  # task, label and group as the bench runner saw them
         if bench.is_file():
-            r.update(json.loads(bench.read_text()))
+            r.update(read_json(bench))
         r.setdefault("task", Path(r.get("data", path.parent.name)).name)
         r.setdefault("label", r.get("method"))
         r.setdefault("group", TASK_GROUP.get(r["task"], "other"))
@@ -280,7 +294,7 @@ def write_report(results_dir: Path, out: Path, overwrite: bool = False) -> Path:
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
     agg = aggregate(collect(results_dir))
     prof_path = results_dir / "profile.json"
-    profile = json.loads(prof_path.read_text()) if prof_path.is_file() else None
+    profile = read_json(prof_path) if prof_path.is_file() else None
     write_csv(agg, out / "results.csv")
     plots(agg, profile, out)
     atomic_write_text(target, markdown(agg, profile))

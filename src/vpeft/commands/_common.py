@@ -3,11 +3,90 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import re
+import struct
 import typing
+import zipfile
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from vpeft.engine.config import parse_kv
+
+logger = logging.getLogger(__name__)
+
+
+def at_least(low: int):
+    """An argparse ``type``: an integer ``>= low``, refused with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its error
+    return parse
+
+
+def check_weights_file(path: str | Path | None) -> None:
+    """Refuse a weights file that cannot be what it claims, before anything is built.
+
+    A ``.safetensors`` file must have a readable header whose tensors end where the file ends
+    (a cut download fails here); any other file must be a complete torch zip archive (what
+    ``torch.save`` writes). Reads only the header / the zip directory, so it costs nothing.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"weights {path} is a folder, expected a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        problem = _safetensors_problem(path, size)
+        if problem:
+            raise ValueError(f"weights {path} is not a valid safetensors file: {problem}")
+    elif not zipfile.is_zipfile(path):
+        raise ValueError(f"weights {path} is neither a safetensors file nor a complete torch "
+                         "checkpoint (a zip archive); is it truncated?")
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """What is wrong with a safetensors file's framing (8-byte header length, JSON, data)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"only {size} bytes"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"the header claims {n} bytes but the file has {size} (truncated?)"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            return "the header is not JSON"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"its tensors need {expected} bytes but the file has {size} (truncated?)"
+    return None
+
+
+def warn_if_training_data(train_split: str, split: str) -> None:
+    """Warn when the split being evaluated is, or is part of, the split a run trained on
+    (VTAB-1k's ``train800val200`` is ``train800`` + ``val200``)."""
+    if split == train_split or split in re.findall(r"[a-z]+\d+", train_split):
+        logger.warning("split %s is training data of this run (trained on %s): its accuracy "
+                       "says nothing about generalisation", split, train_split)
 
 
 def parse_key_values(items: list[str] | None, what: str = "--method-args") -> dict[str, Any]:

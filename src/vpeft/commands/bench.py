@@ -20,10 +20,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from vpeft.bench.profile import ProfileSpec, profile
-from vpeft.bench.runner import available, run_suite
-from vpeft.bench.suites import MethodEntry, builtin_suites, load_suite
-from vpeft.commands._common import parse_key_values
+from vpeft.bench.suites import MethodEntry, Suite, builtin_suites, load_suite
+from vpeft.commands._common import check_weights_file, parse_key_values
 
 HELP = "run a benchmark suite (methods x tasks x seeds), resumable"
 
@@ -55,7 +53,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def validate_plan(suite: Suite, weights: str | None) -> None:
+    """Check every run of the suite before any trains: each method name, each option and grid
+    setting (through the method's own config), and the weights file. Raises on the first error,
+    naming the method entry."""
+    from vpeft.bench.runner import available, make_config, settings
+    from vpeft.registry import make_config as method_config
+
+    check_weights_file(weights)
+    for entry in suite.methods:
+        if not available(entry):
+            continue
+        for setting in settings(entry):
+            try:
+                cfg = make_config(suite, entry, Path("DATA"), Path("OUT"), suite.seeds[0], setting,
+                                  weights, val=bool(entry.grid), progress=False)
+                method_config(cfg.method, **cfg.method_args)
+            except (KeyError, TypeError, ValueError) as e:
+                what = f"grid setting {setting}" if setting else "options"
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise ValueError(f"suite {suite.name}, method {entry.label} ({what}): {msg}; "
+                                 "nothing was trained") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    from vpeft.bench.profile import ProfileSpec, profile
+    from vpeft.bench.runner import available, run_suite
+
     suite = load_suite(args.suite)
     overrides = parse_key_values(args.set, "--set")
     if overrides:
@@ -63,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if args.methods:
         known = {m.name: m for m in suite.methods}
         suite = replace(suite, methods=[known.get(n, MethodEntry(n)) for n in args.methods])
+    if not suite.seeds:
+        raise ValueError(f"suite {suite.name} lists no seeds")
+    validate_plan(suite, args.weights)
     progress = sys.stderr.isatty()
     results = run_suite(suite, args.data_root, args.out, args.weights, progress=progress)
     print(f"{len(results)} runs finished in {args.out}; next: vpeft report {args.out} --out REPORT")

@@ -13,11 +13,6 @@ import json
 import sys
 from dataclasses import fields
 
-from rich.console import Console
-from rich.table import Table
-
-from vpeft.registry import get_method, list_methods
-
 HELP = "list methods, their family and characteristics"
 
 
@@ -27,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def method_options(name: str) -> dict[str, dict]:
+    from vpeft.registry import get_method
+
     cls = get_method(name).config_cls
     cfg = cls()
     return {
@@ -36,6 +33,11 @@ def method_options(name: str) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vpeft.registry import list_methods
+
     rows = [r.as_dict() for r in list_methods()]
     if args.options:
         for r in rows:

@@ -17,13 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from vpeft.bench.profile import ProfileSpec, profile
-from vpeft.commands._common import add_model_arguments, parse_key_values
-from vpeft.core.checkpoint import atomic_write_text
-from vpeft.registry import list_methods
+from vpeft.commands._common import (
+    add_model_arguments,
+    at_least,
+    check_weights_file,
+    parse_key_values,
+)
 
 HELP = "measure params, FLOPs, latency, step time and memory of methods"
 
@@ -39,10 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="options of the (single) --method, e.g. rank=8",
     )
     p.add_argument("--all", action="store_true", help="every registered method")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--threads", type=at_least(1), default=None,
+                   help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed rounds")
+    p.add_argument("--repeats", type=at_least(1), default=7,
+                   help="timed rounds (median reported)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory probes")
     p.add_argument(
@@ -55,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from vpeft.bench.profile import ProfileSpec, profile
+    from vpeft.registry import list_methods
+
     names = [m.name for m in list_methods()] if args.all else args.method
     if not names:
         raise ValueError("name at least one --method, or --all")
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--method-args applies to a single --method")
     if args.out and args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    check_weights_file(args.weights)
     options = parse_key_values(args.method_args)
     spec = ProfileSpec(
         model=args.model,
@@ -86,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_json(path: Path, result: dict) -> None:
+    from vpeft.core.checkpoint import atomic_write_text
+
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
@@ -94,6 +103,9 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     f = result["floor"]
     table = Table(
         title=f"profile on {result['device']} ({result['threads']} threads); floor step "

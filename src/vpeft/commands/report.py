@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vpeft.bench.report import write_report
-
 HELP = "Markdown/CSV report and plots from benchmark results"
 
 
@@ -24,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vpeft.bench.report import write_report
+
     path = write_report(args.results_dir, args.out, overwrite=args.overwrite)
     print(path.read_text())
     print(f"report written to {path}")

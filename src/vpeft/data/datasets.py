@@ -104,6 +104,9 @@ def open_dataset(root: str | Path, split: str, classes: list[str] | None = None)
     ``classes.txt``, the class folders, or the largest label.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"data {root} is a file, expected a folder (of list files, class folders "
+                        "or idx files)")
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if (root / f"{split}.txt").is_file():

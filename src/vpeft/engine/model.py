@@ -49,6 +49,9 @@ def build_backbone(name: str, num_classes: int, weights: str | None = None,
     except RuntimeError as e:
         if weights and ("state_dict" in str(e) or "size mismatch" in str(e)):
             raise ValueError(f"weights {weights} do not fit {name}: {str(e)[:500]}") from None
+        if weights and size is not None:  # e.g. position embeddings resampled to nothing
+            raise ValueError(f"cannot load weights {weights} into {name} at img_size {size}: "
+                             f"{str(e)[:300]}") from None
         raise
 
 

@@ -10,12 +10,18 @@ runs/cifar10-lora/
   results.json              method, model, data, split, top1, parameter counts, speed, memory, seed
   train_state.pt            while training: what --resume needs (removed when the run completes)
 ```
+
+``--overwrite`` never deletes the old run before the new one has finished: the new run is written
+into ``.<name>.overwrite/`` beside it and moved in file by file at the end (:meth:`RunDir.start`,
+:meth:`RunDir.finish`); if it fails, the old run is still there, untouched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.final: Path | None = None  # while a replacement is staged: the folder it replaces
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -71,10 +78,30 @@ class RunDir:
             "continue it (or choose another --out)"
         )
 
-    def clear(self) -> None:
-        """Delete this folder's run files (and nothing else the user may keep there)."""
+    def start(self) -> None:
+        """Prepare for writing a new run. Over an existing run (``--overwrite``) the new one is
+        written into a staging folder in the same parent (so the final moves are renames on one
+        file system); :attr:`path` points there until :meth:`finish`."""
+        if not self.has_run():
+            return
+        staging = self.path.parent / f".{self.path.name}.overwrite"
+        shutil.rmtree(staging, ignore_errors=True)  # a replacement that never finished
+        staging.mkdir()
+        self.final, self.path = self.path, staging
+
+    def finish(self) -> None:
+        """Move a staged replacement into place: every file it wrote replaces the old one, and old
+        run files it did not write go; files of the user's in the folder stay."""
+        if self.final is None:
+            return
+        written = {p.name for p in self.path.iterdir()}
         for name in RUN_FILES:
-            self.file(name).unlink(missing_ok=True)
+            if name not in written:
+                (self.final / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(self.path / name, self.final / name)
+        self.path.rmdir()
+        self.path, self.final = self.final, None
 
     def read_config(self) -> TrainConfig:
         return TrainConfig.from_yaml(self.file(CONFIG_FILE))

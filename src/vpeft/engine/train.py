@@ -188,7 +188,7 @@ def start_run_folder(run: Run, config: TrainConfig, train_set: Any, eval_set: An
                          "training images")
     run.accelerator.wait_for_everyone()  # every process has checked the folder before it changes
     if run.main and run.status == "new":
-        run.folder.clear()
+        run.folder.start()  # over an old run (--overwrite): staged beside it until finish()
         run.folder.write_config(config)
         run.folder.write_classes(train_set.classes)
     run.log("training %s on %s (%d images, %s) -> %s (%d) with %s, %d process(es), precision %s",
@@ -311,6 +311,7 @@ def finish_run(run: Run, config: TrainConfig, results: dict[str, Any]) -> None:
     if run.main:
         run.folder.write_results(results)
         run.folder.file(STATE_NAME).unlink(missing_ok=True)
+        run.folder.finish()
     run.log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s",
             config.method, config.data, results["top1"], config.eval_split,
             results["eval_images"], results["train_seconds"], results["images_per_second"])
