@@ -287,8 +287,8 @@ def test_img_size_that_patches_do_not_tile_warns(data: Path, tmp_path: Path,
                      "--model-args", *dims, "--img-size", "36", *FAST, "--data", data,
                      "--method", "linear", "--out", tmp_path / "run")[0]
     assert code == 0
-    assert any("not a multiple of the patch size 8" in r.message and "4 dropped" in r.message
-               for r in caplog.records)
+    assert any("not a multiple of vit_tiny_patch16_224's 8-pixel patch" in r.getMessage()
+               and "the last 4 pixels" in r.getMessage() for r in caplog.records)
 
 
 def test_a_runs_config_yaml_starts_a_new_run(data: Path, tmp_path: Path,

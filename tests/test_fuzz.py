@@ -180,7 +180,7 @@ CASES: list[tuple[str, Callable[[World], list[object]], str]] = [
                                         "--model-args", *MODEL_ARGS[1:], "--img-size", "4",
                                         "--no-pretrained", *FAST, "--data", w.data, "--method",
                                         "linear", "--out", w.tmp / "new-run"],
-     "smaller than one 8x8 patch"),
+     "smaller than one 8x8-pixel patch"),
     ("out-read-only", lambda w: [*w.train("--data", w.data), "--out", "/sys/vpeft-fuzz"],
      "/sys/vpeft-fuzz"),
     # -- run folders

@@ -6,13 +6,11 @@ ratio kept) with the model's interpolation, then normalised with the model's mea
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-logger = logging.getLogger(__name__)
 
 
 def model_input_size(model: nn.Module) -> int | None:
@@ -31,27 +29,9 @@ def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]
     """
     cfg = resolve_data_config({}, model=model)
     side = img_size or model_input_size(model) or cfg["input_size"][-1]
-    check_patch_fit(model, side)
     cfg["input_size"] = (cfg["input_size"][0], side, side)
     cfg["crop_pct"], cfg["crop_mode"] = 1.0, "squash"  # resize directly, no crop
     return cfg
-
-
-def check_patch_fit(model: nn.Module, side: int) -> None:
-    """Refuse an image side smaller than one patch; warn when patches do not tile it, since the
-    patch embedding then drops the pixels beyond the last whole patch."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if isinstance(patch, (tuple, list)):
-        patch = patch[-1]
-    if not isinstance(patch, int) or patch <= 1:
-        return
-    if side < patch:
-        raise ValueError(f"img_size {side} is smaller than one {patch}x{patch} patch of the model")
-    if side % patch:
-        used = side // patch * patch
-        logger.warning("img_size %d is not a multiple of the patch size %d: only %dx%d pixels are "
-                       "seen (%d dropped at the right and bottom); use %d or %d", side, patch,
-                       used, used, side - used, used, used + patch)
 
 
 def eval_transform(cfg: dict[str, Any]):
