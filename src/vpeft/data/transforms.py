@@ -12,7 +12,6 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 
-
 def model_input_size(model: nn.Module) -> int | None:
     """The image side a model is built for, where it has a fixed one (ViT patch embeddings)."""
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
