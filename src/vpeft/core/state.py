@@ -93,6 +93,7 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     impl = get_method(config.method)(config)
     was_training = model.training
     freeze(model)
+    view.prepare_model()  # the family's forward reads every part through its module
     impl.apply(model, view)
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if config.train_head:
