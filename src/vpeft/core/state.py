@@ -148,6 +148,7 @@ def _apply(model: nn.Module, impl: Method, view: BackboneView) -> None:
     """Freeze ``model``, let the method change it, then make the head trainable if asked."""
     was_training = model.training
     freeze(model)
+    view.prepare_model()  # the family's forward reads every part through its module
     impl.apply(model, view)
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if impl.config.train_head:

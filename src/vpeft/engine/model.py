@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vpeft.backbones.base import get_view
-from vpeft.backbones.factory import create_backbone
+from vpeft.backbones.factory import create_backbone, is_external
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ def build_backbone(name: str, num_classes: int, weights: str | None = None,
     size = args.pop("img_size", img_size)
     if weights and not pretrained:
         raise ValueError("weights were given but pretrained is off; drop one of them")
+    if is_external(name):  # hf: / open_clip: specs: their factory checks the name
+        try:
+            return create_backbone(name, weights, num_classes, size, pretrained, **args)
+        except (ImportError, OSError, RuntimeError) as e:  # no package, folder or file
+            raise ValueError(f"cannot build {name}: {str(e)[:500]}") from None
     known = timm.list_models()
     if name.split(".")[0] not in known:
         close = difflib.get_close_matches(name, known, n=3)
