@@ -32,6 +32,7 @@ from vpeft.engine.evaluate import evaluate
 from vpeft.engine.features import CachedHead, cache_kind, extract_features, trainable_heads
 from vpeft.engine.model import build_backbone
 from vpeft.engine.optim import build_optimizer
+from vpeft.engine.probe import fit_probe
 from vpeft.engine.rundir import RunDir
 from vpeft.engine.runtime import (
     make_accelerator,
@@ -130,6 +131,11 @@ def train(config: TrainConfig,
         log("only the head trains: training it on cached %s features", cache)
     else:
         cache, train_data, net = "none", train_set, model
+    probe = None
+    if heads and config.head_solver == "lbfgs":  # convex: fit it to convergence, no epochs
+        probe = fit_probe(net, *train_data.tensors, config.seed, accelerator.device)
+        log("probe: l2 %.0e by %d-fold CV, %d L-BFGS iterations, train loss %.4f", probe.l2,
+            probe.folds, probe.iterations, probe.train_loss)
     seconds = time.perf_counter() - start  # feature extraction counts as training time
 
     steps_per_epoch = len(train_data) // batch
@@ -137,6 +143,10 @@ def train(config: TrainConfig,
         model, config.lr, config.weight_decay, vpeft.get_state(model).method.no_decay,
         steps_per_epoch * config.epochs, config.warmup_ratio)
     first_epoch, history, state = 0, [], None
+    if probe is not None:  # nothing left for the epochs to do
+        first_epoch, history = config.epochs, [probe.record()]
+        if main:
+            run.write_metrics(history)
     if status == "resume" and run.file(STATE_NAME).is_file():
         state = load_training_state(run.file(STATE_NAME))
         restore_model(model, state["model"])
@@ -215,7 +225,7 @@ def train(config: TrainConfig,
         "eval_seconds": result.seconds, "eval_images_per_second": result.images_per_second,
         "peak_memory_mb": memory, "peak_memory_kind": memory_kind, "feature_cache": cache,
         "processes": accelerator.num_processes, "device": str(accelerator.device),
-        "precision": precision,
+        "precision": precision, "probe": probe.to_dict() if probe is not None else None,
         "versions": {"vpeft": vpeft.__version__, "torch": torch.__version__,
                      "timm": __import__("timm").__version__},
     }
