@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 #: Relative L2 strengths tried, strongest first (warm starts go from simple to complex fits).
-L2_GRID: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(2, -13, -1))  # 1e1 .. 1e-6
+L2_GRID: tuple[float, ...] = tuple(10.0**e for e in range(1, -6, -1))  # 1e1 .. 1e-5
 FOLDS = 5
-MAX_ITER = 1000
+MAX_ITER = 1000  # the final fit (CLIP's probes use 1000 too)
+CV_MAX_ITER = 300  # each warm-started fit of the search
 
 
 @dataclass
@@ -73,8 +74,8 @@ def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 class _Fitter:
     """Fits ``net``'s trainable parameters on ``(x, y)`` for a given L2 strength."""
 
-    def __init__(self, net: nn.Module, scale: float, max_iter: int) -> None:
-        self.net, self.scale, self.max_iter = net, scale, max_iter
+    def __init__(self, net: nn.Module, scale: float) -> None:
+        self.net, self.scale = net, scale
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.penalised = [p for p in self.params if p.ndim >= 2]  # weights, not biases
 
@@ -86,10 +87,10 @@ class _Fitter:
             for p, s in zip(self.params, state):
                 p.copy_(s)
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, l2: float) -> int:
+    def fit(self, x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int) -> int:
         """Minimise the penalised loss from the current parameters; the iterations taken."""
-        opt = torch.optim.LBFGS(self.params, lr=1.0, max_iter=self.max_iter, history_size=20,
-                                tolerance_grad=1e-6, tolerance_change=1e-10,
+        opt = torch.optim.LBFGS(self.params, lr=1.0, max_iter=max_iter, history_size=20,
+                                tolerance_grad=1e-6, tolerance_change=1e-9,
                                 line_search_fn="strong_wolfe")
         coef = l2 * self.scale / 2
 
@@ -114,7 +115,8 @@ class _Fitter:
 
 def fit_probe(net: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: int,
               device: torch.device | str = "cpu", grid: tuple[float, ...] = L2_GRID,
-              folds: int = FOLDS, max_iter: int = MAX_ITER) -> ProbeResult:
+              folds: int = FOLDS, max_iter: int = MAX_ITER,
+              cv_max_iter: int = CV_MAX_ITER) -> ProbeResult:
     """Fit ``net``'s trainable parameters (the head) in place on cached training features.
 
     ``net`` maps ``feats`` to logits (a :class:`~vpeft.engine.features.CachedHead`). ``l2`` is
@@ -125,7 +127,7 @@ def fit_probe(net: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: i
         raise ValueError("the probe needs a non-empty L2 grid and at least 2 folds")
     x, y = feats.to(device), labels.to(device)
     scale = x.float().pow(2).mean().item() or 1.0
-    fitter = _Fitter(net, scale, max_iter)
+    fitter = _Fitter(net, scale)
     start = fitter.state()
     was_training = net.training
     net.eval()  # the cached head has no dropout or batch statistics that should differ
@@ -136,12 +138,12 @@ def fit_probe(net: nn.Module, feats: torch.Tensor, labels: torch.Tensor, seed: i
         train, held = fold_of != k, fold_of == k
         fitter.load(start)
         for i, l2 in enumerate(grid):  # warm start from the previous (stronger) fit
-            fitter.fit(x[train], y[train], l2)
+            fitter.fit(x[train], y[train], l2, cv_max_iter)
             correct[i] += fitter.evaluate(x[held], y[held])[1] * held.sum().item() / 100
     cv_top1 = 100.0 * correct / len(y)
     best = int(torch.nonzero(cv_top1 == cv_top1.max())[0])  # first max: strongest penalty
     fitter.load(start)
-    iterations = fitter.fit(x, y, grid[best])
+    iterations = fitter.fit(x, y, grid[best], max_iter)
     loss, top1 = fitter.evaluate(x, y)
     net.train(was_training)
     return ProbeResult(l2=grid[best], l2_absolute=grid[best] * scale, iterations=iterations,
