@@ -107,7 +107,7 @@ def test_an_existing_run_is_never_replaced_silently(data: Path, tmp_path: Path) 
 @pytest.mark.parametrize("method,changes", [
     ("lora", {"method_args": {"dropout": 0.2}, "hflip": True}),  # dropout + flips use RNG
     ("vpt-deep", {}),
-    ("linear", {}),  # the cached-feature path
+    ("linear", {"head_solver": "sgd"}),  # the cached-feature path, by epochs
 ])
 def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
@@ -144,9 +144,10 @@ def test_feature_cache_trains_the_same_head(data: Path, tmp_path: Path, kind: st
                                             cache: str) -> None:
     """A head trained on cached features equals one trained through the frozen backbone (also
     with DeiT-distilled's two averaged heads, where the whole token output is cached)."""
-    cached = train(tiny_config(data, tmp_path / "c", kind, method="linear", lr=1e-2))
+    cached = train(tiny_config(data, tmp_path / "c", kind, method="linear", lr=1e-2,
+                               head_solver="sgd"))
     direct = train(tiny_config(data, tmp_path / "d", kind, method="linear", lr=1e-2,
-                               cache_features=False))
+                               cache_features=False, head_solver="sgd"))
     assert (cached["feature_cache"], direct["feature_cache"]) == (cache, "none")
     a, b = adapter(tmp_path / "c"), adapter(tmp_path / "d")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -35,6 +35,7 @@ ROWS = [
     Row("bitfit", _biases),
     Row("lora", lambda d: d.L * 2 * (8 * d.D + d.D * 8)),
     Row("lora", lambda d: d.L * 3 * (4 * d.D + d.D * 4), {"rank": 4, "qkv": "qkv"}),
+    Row("lora", lambda d: d.L * (8 * d.D + 3 * d.D * 8), {"qkv": "fused"}),  # PEFT's form
     Row(
         "lora",
         lambda d: d.L * ((2 * (2 * d.D + d.D * 2)) + (2 * d.D + d.H * 2)),

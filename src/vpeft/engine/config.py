@@ -23,6 +23,7 @@ import yaml
 from vpeft.core.config import coerce as coerce_value
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+HEAD_SOLVERS = ("lbfgs", "sgd")
 
 
 def opt(default: Any = MISSING, help: str = "", *, saved: bool = True, compared: bool = True,
@@ -83,6 +84,10 @@ class TrainConfig:
                                   compared=False)
     cache_features: bool = opt(True, "when only the head trains, run the frozen backbone once over "
                                      "the data and train on its cached features")
+    head_solver: str = opt(
+        "lbfgs", "how a head on cached features trains: lbfgs (logistic regression solved to "
+        "convergence, its L2 chosen by 5-fold CV on the training data; epochs, lr and weight decay "
+        "unused) or sgd (the epochs above)", choices=HEAD_SOLVERS)
     eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)",
                                       compared=False)
     # -- run folder -------------------------------------------------------------------------------
@@ -115,6 +120,8 @@ class TrainConfig:
             (self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (not (self.overwrite and self.resume), "choose one of overwrite and resume"),
+            (self.head_solver in HEAD_SOLVERS,
+             f"head_solver must be one of {', '.join(HEAD_SOLVERS)}, got {self.head_solver!r}"),
         ]
         for ok, message in checks:
             if not ok:

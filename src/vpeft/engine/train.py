@@ -36,6 +36,7 @@ from vpeft.engine.evaluate import EvalResult, evaluate
 from vpeft.engine.features import CachedHead, cache_kind, extract_features, trainable_heads
 from vpeft.engine.model import build_backbone
 from vpeft.engine.optim import build_optimizer
+from vpeft.engine.probe import ProbeResult, fit_probe
 from vpeft.engine.rundir import RunDir
 from vpeft.engine.runtime import (
     make_accelerator,
@@ -93,15 +94,20 @@ def train(config: TrainConfig,
     model.to(run.accelerator.device)
     start = time.perf_counter()
     net, train_data, cache = head_on_cached_features(run, config, model, train_set)
+    probe = fit_convex_head(run, config, net, train_data) if cache != "none" else None
     prep_seconds = time.perf_counter() - start  # feature extraction counts as training time
     loop = make_optimiser(run, config, model, net, train_data, cached=cache != "none")
     loop.seconds += prep_seconds
+    if probe is not None:  # the head is fitted to convergence: nothing left for the epochs
+        loop.first_epoch, loop.history = config.epochs, [probe.record()]
+        if run.main:
+            run.folder.write_metrics(loop.history)
     run_epochs(run, config, model, loop, before_step)
 
     if run.main:
         vpeft.save(model, run.folder.path, overwrite=True)
     result = evaluate_once(run, config, model, eval_set)
-    results = results_of(run, config, model, loop, result, len(train_set), cache)
+    results = results_of(run, config, model, loop, result, len(train_set), cache, probe)
     finish_run(run, config, results)
     return results
 
@@ -217,6 +223,18 @@ def head_on_cached_features(run: Run, config: TrainConfig, model: nn.Module,
     return CachedHead(model, heads, cache), features, cache
 
 
+def fit_convex_head(run: Run, config: TrainConfig, net: nn.Module,
+                    features: Any) -> ProbeResult | None:
+    """With ``head_solver='lbfgs'``, fit the head on the cached features to convergence (an
+    L2-regularised logistic regression, L2 chosen by cross-validation on the training set)."""
+    if config.head_solver != "lbfgs":
+        return None
+    probe = fit_probe(net, *features.tensors, config.seed, run.accelerator.device)
+    run.log("probe: l2 %.0e by %d-fold CV, %d L-BFGS iterations, train loss %.4f", probe.l2,
+            probe.folds, probe.iterations, probe.train_loss)
+    return probe
+
+
 def make_optimiser(run: Run, config: TrainConfig, model: nn.Module, net: nn.Module,
                    train_data: Any, cached: bool) -> Loop:
     """AdamW with warm-up and cosine decay, the shuffled loader, and (``--resume``) the state of
@@ -319,7 +337,7 @@ def finish_run(run: Run, config: TrainConfig, results: dict[str, Any]) -> None:
 
 
 def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, result: EvalResult,
-               train_images: int, cache: str) -> dict[str, Any]:
+               train_images: int, cache: str, probe: ProbeResult | None) -> dict[str, Any]:
     """What ``results.json`` holds: the run's settings, accuracy, parameter counts, speed."""
     summary = vpeft.summary(model)
     seen = sum(r["images"] for r in loop.history)
@@ -337,7 +355,7 @@ def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, resu
         "eval_seconds": result.seconds, "eval_images_per_second": result.images_per_second,
         "peak_memory_mb": memory, "peak_memory_kind": memory_kind, "feature_cache": cache,
         "processes": run.accelerator.num_processes, "device": str(run.accelerator.device),
-        "precision": run.precision,
+        "precision": run.precision, "probe": probe.to_dict() if probe is not None else None,
         "versions": {"vpeft": vpeft.__version__, "torch": torch.__version__,
                      "timm": __import__("timm").__version__},
     }

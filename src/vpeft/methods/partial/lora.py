@@ -34,13 +34,19 @@ class LoRAConfig(MethodConfig):
         "Linear layers to adapt, by name pattern "
         "(glob on the dotted name or its suffix; 're:' for regex).",
     )
-    qkv: str = option("qv", "Which of q, k, v get an update on fused qkv layers.")
+    qkv: str = option(
+        "qv",
+        "Which of q, k, v get an update on fused qkv layers, each with its own A and B; "
+        "'fused': one A, B pair on the whole fused layer (Hugging Face PEFT's form).",
+    )
 
     def validate(self) -> None:
         if self.rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
-        if not self.qkv or set(self.qkv) - set("qkv"):
-            raise ValueError(f"lora qkv must be a non-empty subset of 'qkv', got {self.qkv!r}")
+        if self.qkv != "fused" and (not self.qkv or set(self.qkv) - set("qkv")):
+            raise ValueError(
+                f"lora qkv must be 'fused' or a non-empty subset of 'qkv', got {self.qkv!r}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
@@ -175,8 +181,9 @@ class LoRALinear(LinearUpdate):
 
 
 def output_parts(out_features: int, which: str, fused_qkv: bool) -> list[tuple[int, int]]:
-    """Output row ranges to adapt: slices of q/k/v on a fused layer, else all rows."""
-    if not fused_qkv:
+    """Output row ranges to adapt: slices of q/k/v on a fused layer, else (or with ``which`` =
+    ``'fused'``) all rows."""
+    if not fused_qkv or which == "fused":
         return [(0, out_features)]
     d = out_features // 3
     return [("qkv".index(c) * d, ("qkv".index(c) + 1) * d) for c in "qkv" if c in which]
