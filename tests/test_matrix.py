@@ -5,37 +5,54 @@ A method joins by adding a row in ``tests/rows/`` (its options and closed-form p
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import vpeft
 from vpeft.core.surgery import NotMergeableError
 
-from conftest import NUM_CLASSES, TINY_DIMS, tiny_model
+from conftest import IMG, NUM_CLASSES, TINY, tiny_model
 from rows import Dims, Row, all_rows
 
 ROWS = all_rows()
 CASES = [pytest.param(r, b, id=f"{r.id}-{b}") for r in ROWS for b in r.backbones]
-PREFIX = {"vit": 1, "deit-distilled": 2, "vit-avgpool-reg": 2}
 
 
+def _out_width(layer: torch.nn.Module) -> int:
+    return getattr(layer, "out_features", None) or layer.out_channels
+
+
+@functools.cache
 def dims(kind: str) -> Dims:
-    side = TINY_DIMS["img_size"] // TINY_DIMS["patch_size"]
+    """The closed-form formulas' dimensions of tiny ``kind``, read from its view."""
+    model = tiny_model(kind)
+    view = vpeft.get_view(model)
+    blocks = [model.get_submodule(b) for b in view.blocks]
+    hiddens = tuple(_out_width(b.get_submodule(view.mlp).fc1) if view.mlp else 0 for b in blocks)
+    attn = blocks[0].get_submodule(view.attn) if view.attn and blocks else None
+    patch_embed = getattr(model, "patch_embed", None)
     return Dims(
-        D=TINY_DIMS["embed_dim"],
-        L=TINY_DIMS["depth"],
-        H=4 * TINY_DIMS["embed_dim"],
-        heads=TINY_DIMS["num_heads"],
-        prefix=PREFIX[kind],
-        patches=side * side,
-        patch=TINY_DIMS["patch_size"],
-        img=TINY_DIMS["img_size"],
+        D=view.embed_dim or view.block_dims[0],
+        L=view.depth,
+        H=hiddens[0] if hiddens else 0,
+        heads=getattr(attn, "num_heads", 0),
+        prefix=view.num_prefix_tokens,
+        patches=getattr(patch_embed, "num_patches", 0),
+        patch=view.patch_size or 0,
+        img=IMG,
+        family=view.family,
+        qkv_bias=TINY[kind][1].get("qkv_bias", True),
+        widths=tuple(view.block_dims),
+        hiddens=hiddens,
+        model=model,
     )
 
 
 def images(n: int = 4, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, TINY_DIMS["img_size"], TINY_DIMS["img_size"], generator=g)
+    return torch.randn(n, 3, IMG, IMG, generator=g)
 
 
 def adapted(row: Row, kind: str) -> torch.nn.Module:

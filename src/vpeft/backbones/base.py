@@ -6,6 +6,7 @@ has the parts it needs; a missing part raises :class:`MissingPartError` naming i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -20,8 +21,10 @@ class BackboneView:
     """What methods need to know about a backbone. Built by :func:`get_view`.
 
     ``blocks`` are dotted paths of the residual blocks in forward order; ``attn``/``mlp``/``qkv``
-    are names relative to a block (``None`` where the family has no such part); ``heads`` are the
-    classifier modules trained together with every method.
+    are names relative to a block (``None`` where the family has no such part); ``qkv_separate``
+    names the separate q, k and v projections where the attention has no fused ``qkv``;
+    ``heads`` are the classifier modules trained together with every method. ``block_dims`` is
+    each block's token width (it grows per stage on hierarchical models).
     """
 
     family: str
@@ -30,6 +33,7 @@ class BackboneView:
     block_dims: list[int] = field(default_factory=list)
     attn: str | None = None
     qkv: str | None = None
+    qkv_separate: tuple[str, str, str] | None = None  # (q, k, v) Linear paths in a block
     mlp: str | None = None
     norms: tuple[str, ...] = ()
     heads: list[str] = field(default_factory=list)
@@ -40,6 +44,9 @@ class BackboneView:
     embed_dim: int = 0
     patch_size: int | None = None
     in_chans: int = 3
+    # makes the family's forward read every part through its module (e.g. a bias that timm adds
+    # with F.linear(x, qkv.weight) is moved after qkv(x)), so wrappers of those parts are called
+    prepare: Callable[[nn.Module], None] | None = field(default=None, repr=False)
 
     def require(self, *parts: str, method: str = "") -> None:
         """Raise a clear error if any of ``parts`` (attribute names of this view) is missing."""
@@ -63,6 +70,18 @@ class BackboneView:
     def fused_qkv_paths(self) -> set[str]:
         """Paths of the blocks' fused q/k/v projections (empty where there are none)."""
         return {self.block_part(i, "qkv") for i in range(self.depth)} if self.qkv else set()
+
+    def separate_qkv_paths(self, which: str = "qkv") -> set[str]:
+        """Paths of the blocks' separate projections among ``which`` (``'qv'`` -> q and v)."""
+        if not self.qkv_separate:
+            return set()
+        rel = [p for c, p in zip("qkv", self.qkv_separate) if c in which]
+        return {f"{b}.{p}" for b in self.blocks for p in rel}
+
+    def prepare_model(self) -> None:
+        """Run the family's :attr:`prepare` step on the model (no-op where it has none)."""
+        if self.prepare is not None:
+            self.prepare(self.model)
 
     @property
     def depth(self) -> int:

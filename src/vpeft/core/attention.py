@@ -76,3 +76,15 @@ def pad_mask(attn_mask: torch.Tensor | None, is_causal: bool, n: int, extra: int
 def _apply(attn: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     layer = getattr(attn, name, None)
     return t if layer is None else layer(t)
+
+
+def route_qkv_bias(model: nn.Module) -> None:
+    """Make attentions that add their q/v biases with ``F.linear(x, qkv.weight, bias)`` call
+    ``qkv(x)`` and add the bias after it instead (timm's own ``qkv_bias_separate`` switch).
+
+    timm's EVA and SwinV2 attention read ``qkv.weight`` directly when they have ``q_bias``, so a
+    wrapper around ``qkv`` would never run; after this it does, and the result is the same sum.
+    """
+    for module in model.modules():
+        if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True

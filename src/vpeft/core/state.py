@@ -18,7 +18,8 @@ from torch import nn
 from vpeft.backbones.base import get_view
 from vpeft.core.config import MethodConfig
 from vpeft.core.method import Method
-from vpeft.core.surgery import Wrapper, freeze, mark_trainable
+from vpeft.core.forward_check import check_forward_path
+from vpeft.core.surgery import Wrapper, follow_base, freeze, mark_trainable
 from vpeft.registry import get_method, make_config
 
 STATE_ATTR = "vpeft_state"
@@ -93,7 +94,10 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     impl = get_method(config.method)(config)
     was_training = model.training
     freeze(model)
+    view.prepare_model()  # the family's forward reads every part through its module
     impl.apply(model, view)
+    follow_base(model, base_tensors)  # new parameters follow the model's device and dtype
+    check_forward_path(model, view, config.method)  # every injected module is called
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if config.train_head:
         for h in view.heads:
