@@ -164,8 +164,11 @@ def test_merge_and_characteristics(row: Row, kind: str):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), ref, rtol=1e-5, atol=1e-5)
         assert torch.equal(model(x), ref), "merge() must leave the adapted model as it was"
+    plain_structure = [(n, type(m)) for n, m in merged.named_modules()] == base_types and (
+        merged.state_dict().keys() == base.state_dict().keys()
+    )
+    assert plain_structure == method.structure_preserving, "structure_preserving claim is wrong"
     if method.structure_preserving:
-        assert [(n, type(m)) for n, m in merged.named_modules()] == base_types
         plain = tiny_model(kind)
         plain.load_state_dict(merged.state_dict(), strict=True)  # loadable by timm alone
         with torch.no_grad():
@@ -176,6 +179,21 @@ def test_merge_and_characteristics(row: Row, kind: str):
     assert [(n, type(m)) for n, m in restored.named_modules()] == [
         (n, type(m)) for n, m in model.named_modules()
     ]
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_new_parameters_follow_the_model(row: Row, kind: str):
+    """What a method adds is created in the base's floating dtype and on its device."""
+    model = vpeft.adapt(tiny_model(kind).double(), row.method, **row.options).eval()
+    wrong = {n: t.dtype for n, t in model.state_dict().items()
+             if t.is_floating_point() and t.dtype != torch.float64}
+    assert not wrong, f"tensors not in the model's float64: {wrong}"
+    with torch.no_grad():
+        out = model(images().double())
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    meta = vpeft.adapt(tiny_model(kind).to("meta"), row.method, **row.options)
+    off = [n for n, t in meta.state_dict().items() if not t.is_meta]
+    assert not off, f"tensors not on the model's meta device: {off}"
 
 
 @pytest.mark.parametrize("row,kind", CASES)

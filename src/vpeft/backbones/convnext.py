@@ -29,6 +29,6 @@ def convnext_view(model: nn.Module) -> BackboneView | None:
         norms=("norm",),
         heads=head_paths(model),
         # no patch embedding or final norm of tokens: the stem is a conv, the norm is in the head
-        embed_dim=dims[0] if dims else 0,
+        embed_dim=model.num_features,
         in_chans=model.stem[0].in_channels,
     )

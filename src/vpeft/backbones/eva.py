@@ -9,6 +9,23 @@ from vpeft.backbones.base import BackboneView, head_paths, register_view
 from vpeft.core.attention import route_qkv_bias
 
 
+def _prefix_before_patches(attn: nn.Module, args: tuple, kwargs: dict) -> None:
+    # EVA rotates the last len(rope) tokens and leaves num_prefix_tokens in front untouched; a
+    # method that inserts tokens after the class token (VPT, NOAH) makes them prefix tokens too,
+    # so they get no rotary position, as the class token.
+    rope = kwargs.get("rope")
+    if rope is not None:
+        attn.num_prefix_tokens = args[0].shape[1] - rope.shape[-2]
+
+
+def _prepare(model: nn.Module) -> None:
+    route_qkv_bias(model)
+    for block in model.blocks:
+        if not getattr(block.attn, "_vpeft_prefix_hook", False):
+            block.attn.register_forward_pre_hook(_prefix_before_patches, with_kwargs=True)
+            block.attn._vpeft_prefix_hook = True
+
+
 @register_view
 def eva_view(model: nn.Module) -> BackboneView | None:
     from timm.models.eva import Eva
@@ -36,5 +53,5 @@ def eva_view(model: nn.Module) -> BackboneView | None:
         embed_dim=model.embed_dim,
         patch_size=model.patch_embed.patch_size[0],
         in_chans=model.patch_embed.proj.in_channels,
-        prepare=route_qkv_bias,
+        prepare=_prepare,
     )

@@ -17,9 +17,9 @@ from torch import nn
 
 from vpeft.backbones.base import get_view
 from vpeft.core.config import MethodConfig
-from vpeft.core.method import Method
 from vpeft.core.forward_check import check_forward_path
-from vpeft.core.surgery import Wrapper, follow_base, freeze, mark_trainable
+from vpeft.core.method import Method
+from vpeft.core.surgery import Wrapper, folds_add_bias, follow_base, freeze, mark_trainable
 from vpeft.registry import get_method, make_config
 
 STATE_ATTR = "vpeft_state"
@@ -95,9 +95,12 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     was_training = model.training
     freeze(model)
     view.prepare_model()  # the family's forward reads every part through its module
-    impl.apply(model, view)
+    with view.naming(config.method):  # a missing part's error names the method and family
+        impl.apply(model, view)
     follow_base(model, base_tensors)  # new parameters follow the model's device and dtype
     check_forward_path(model, view, config.method)  # every injected module is called
+    if folds_add_bias(model):  # merging gives bias-less layers a bias: not the plain structure
+        impl.structure_preserving = False
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if config.train_head:
         for h in view.heads:

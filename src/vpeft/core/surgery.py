@@ -33,6 +33,11 @@ class Wrapper(nn.Module):
                 raise
             return getattr(super().__getattr__("base"), name)
 
+    def fold_adds_bias(self) -> bool:
+        """Whether :meth:`fold` must give the base module a bias it does not have (then the
+        merged model no longer loads into the plain architecture)."""
+        return False
+
     @torch.no_grad()
     def fold(self) -> nn.Module:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -71,6 +76,11 @@ def wrappers(model: nn.Module) -> list[tuple[str, Wrapper]]:
         if isinstance(module, Wrapper) and not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, module))
     return found
+
+
+def folds_add_bias(model: nn.Module) -> list[str]:
+    """Paths of the wrappers whose fold would add a bias to a bias-less base module."""
+    return [path for path, w in wrappers(model) if w.fold_adds_bias()]
 
 
 def freeze(model: nn.Module) -> None:
