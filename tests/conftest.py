@@ -46,8 +46,10 @@ TINY = {
     "eva-separate": ("eva02_tiny_patch14_224", {**TINY_DIMS, "qkv_fused": False}),
     "swin": ("swin_tiny_patch4_window7_224", dict(_SWIN)),
     "swinv2": ("swinv2_tiny_window8_256", dict(_SWIN)),
+    # no patch embedding tells a ConvNeXt's input size: the config does, as for a real one
     "convnext": ("convnext_tiny", {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1),
-                                   "drop_path_rate": 0.0}),
+                                   "drop_path_rate": 0.0,
+                                   "pretrained_cfg_overlay": {"input_size": (3, IMG, IMG)}}),
 }
 NUM_CLASSES = 5
 # the methods of the foundation issue, which every later layer (engine, bench) relies on
