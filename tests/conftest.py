@@ -51,6 +51,18 @@ TINY = {
                                    "drop_path_rate": 0.0,
                                    "pretrained_cfg_overlay": {"input_size": (3, IMG, IMG)}}),
 }
+
+
+def _open_post_norms(model: torch.nn.Module) -> None:
+    # SwinV2 starts its residual post-norms at zero, so no attention or MLP branch would reach
+    # the output of a random-init model and no method inside them could get a gradient
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight")):
+                p.fill_(1.0)
+
+
+AFTER_INIT = {"swinv2": _open_post_norms}  # kind -> what a pretrained model would already be
 NUM_CLASSES = 5
 # the methods of the foundation issue, which every later layer (engine, bench) relies on
 FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer", "vpt-shallow",
@@ -61,7 +73,9 @@ FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer
 def _tiny_template(kind: str, seed: int) -> torch.nn.Module:
     arch, kwargs = TINY[kind]
     torch.manual_seed(seed)
-    return timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+    AFTER_INIT.get(kind, lambda m: None)(model)
+    return model
 
 
 def tiny_model(kind: str = "vit", seed: int = 0) -> torch.nn.Module:

@@ -97,7 +97,7 @@ class BackboneView:
         except MissingPartError as e:
             if f"view '{self.family}'" in str(e):
                 raise
-            raise MissingPartError(
+            raise type(e)(  # the same kind of error (e.g. TargetNotFoundError), with context
                 f"method '{method}' cannot adapt {type(self.model).__name__} (view "
                 f"'{self.family}'): {e}",
                 part=e.part,
