@@ -20,16 +20,49 @@ WEIGHTS = Path(
 )
 DATA = Path(os.environ.get("VPEFT_DATA", SHARED / "data" / "vtab1k"))
 
-# name -> timm architecture and overrides; tiny so a forward/backward takes milliseconds
+TINY_DIMS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+IMG = TINY_DIMS["img_size"]  # every tiny model takes IMG x IMG images
+_SWIN = {"img_size": IMG, "patch_size": 4, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
+         "num_heads": (2, 4), "drop_path_rate": 0.0}
+# kind -> (timm architecture, all its overrides); tiny so a forward/backward takes milliseconds.
+# Kinds of one backbone family share a name prefix only by convention: tests group kinds by the
+# family of their view (``vpeft.get_view(model).family``), see ``kinds_of``.
 TINY = {
-    "vit": ("vit_tiny_patch16_224", {}),
-    "deit-distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "vit": ("vit_tiny_patch16_224", {**TINY_DIMS}),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {**TINY_DIMS}),
     "vit-avgpool-reg": (
         "vit_tiny_patch16_224",
-        {"global_pool": "avg", "class_token": False, "reg_tokens": 2, "fc_norm": True},
+        {**TINY_DIMS, "global_pool": "avg", "class_token": False, "reg_tokens": 2,
+         "fc_norm": True},
     ),
+    # bias-less attention: merging an update that shifts qkv's output must not invent a bias
+    "vit-nobias": ("vit_tiny_patch16_224", {**TINY_DIMS, "qkv_bias": False}),
+    # DeiT-III style layer scale, CLIP style pre-norm (norm_pre) before the blocks
+    "vit-ls-prenorm": (
+        "vit_tiny_patch16_224", {**TINY_DIMS, "init_values": 0.1, "pre_norm": True}
+    ),
+    # EVA-02: rotary embeddings, SwiGLU MLP; fused qkv with q/v biases read by F.linear
+    "eva": ("eva02_tiny_patch14_224", {**TINY_DIMS}),
+    "eva-separate": ("eva02_tiny_patch14_224", {**TINY_DIMS, "qkv_fused": False}),
+    "swin": ("swin_tiny_patch4_window7_224", dict(_SWIN)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(_SWIN)),
+    # no patch embedding tells a ConvNeXt's input size: the config does, as for a real one
+    "convnext": ("convnext_tiny", {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1),
+                                   "drop_path_rate": 0.0,
+                                   "pretrained_cfg_overlay": {"input_size": (3, IMG, IMG)}}),
 }
-TINY_DIMS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+
+
+def _open_post_norms(model: torch.nn.Module) -> None:
+    # SwinV2 starts its residual post-norms at zero, so no attention or MLP branch would reach
+    # the output of a random-init model and no method inside them could get a gradient
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight")):
+                p.fill_(1.0)
+
+
+AFTER_INIT = {"swinv2": _open_post_norms}  # kind -> what a pretrained model would already be
 NUM_CLASSES = 5
 # the methods of the foundation issue, which every later layer (engine, bench) relies on
 FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer", "vpt-shallow",
@@ -38,15 +71,15 @@ FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer
 
 @functools.cache
 def _tiny_template(kind: str, seed: int) -> torch.nn.Module:
-    arch, extra = TINY[kind]
+    arch, kwargs = TINY[kind]
     torch.manual_seed(seed)
-    return timm.create_model(
-        arch, pretrained=False, num_classes=NUM_CLASSES, **TINY_DIMS, **extra
-    ).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+    AFTER_INIT.get(kind, lambda m: None)(model)
+    return model
 
 
 def tiny_model(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
-    """A small random-init timm ViT; the same seed gives the same weights.
+    """A small random-init timm model of ``kind`` (a key of ``TINY``); same seed, same weights.
 
     A fresh copy of a cached template (building through timm costs ten times more); the global
     RNG is left seeded with ``seed`` as if the model had just been built.
@@ -65,6 +98,19 @@ def real_deit(num_classes: int = 10) -> torch.nn.Module:
         pretrained_cfg_overlay=dict(file=str(WEIGHTS)),
         num_classes=num_classes,
     ).eval()
+
+
+@functools.cache
+def family_of(kind: str) -> str:
+    """The view family (``vit``, ``eva``, ``swin`` ...) of a tiny ``kind``."""
+    from vpeft import get_view
+
+    return get_view(_tiny_template(kind, 0)).family
+
+
+def kinds_of(*families: str) -> tuple[str, ...]:
+    """Every tiny kind whose view belongs to one of ``families``, in ``TINY`` order."""
+    return tuple(k for k in TINY if family_of(k) in families)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ A method joins by adding a row in ``tests/rows/`` (its options and closed-form p
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -13,31 +14,46 @@ import torch
 import vpeft
 from vpeft.core.surgery import NotMergeableError
 
-from conftest import NUM_CLASSES, TINY_DIMS, tiny_model
+from conftest import IMG, NUM_CLASSES, TINY, tiny_model
 from rows import Dims, Row, all_rows
 
 ROWS = all_rows()
 CASES = [pytest.param(r, b, id=f"{r.id}-{b}") for r in ROWS for b in r.backbones]
-PREFIX = {"vit": 1, "deit-distilled": 2, "vit-avgpool-reg": 2}
 
 
+def _out_width(layer: torch.nn.Module) -> int:
+    return getattr(layer, "out_features", None) or layer.out_channels
+
+
+@functools.cache
 def dims(kind: str) -> Dims:
-    side = TINY_DIMS["img_size"] // TINY_DIMS["patch_size"]
+    """The closed-form formulas' dimensions of tiny ``kind``, read from its view."""
+    model = tiny_model(kind)
+    view = vpeft.get_view(model)
+    blocks = [model.get_submodule(b) for b in view.blocks]
+    hiddens = tuple(_out_width(b.get_submodule(view.mlp).fc1) if view.mlp else 0 for b in blocks)
+    attn = blocks[0].get_submodule(view.attn) if view.attn and blocks else None
+    patch_embed = getattr(model, "patch_embed", None)
     return Dims(
-        D=TINY_DIMS["embed_dim"],
-        L=TINY_DIMS["depth"],
-        H=4 * TINY_DIMS["embed_dim"],
-        heads=TINY_DIMS["num_heads"],
-        prefix=PREFIX[kind],
-        patches=side * side,
-        patch=TINY_DIMS["patch_size"],
-        img=TINY_DIMS["img_size"],
+        D=view.embed_dim or view.block_dims[0],
+        L=view.depth,
+        H=hiddens[0] if hiddens else 0,
+        heads=getattr(attn, "num_heads", 0),
+        prefix=view.num_prefix_tokens,
+        patches=getattr(patch_embed, "num_patches", 0),
+        patch=view.patch_size or 0,
+        img=IMG,
+        family=view.family,
+        qkv_bias=TINY[kind][1].get("qkv_bias", True),
+        widths=tuple(view.block_dims),
+        hiddens=hiddens,
+        model=model,
     )
 
 
 def images(n: int = 4, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, TINY_DIMS["img_size"], TINY_DIMS["img_size"], generator=g)
+    return torch.randn(n, 3, IMG, IMG, generator=g)
 
 
 def adapted(row: Row, kind: str) -> torch.nn.Module:
@@ -173,8 +189,11 @@ def test_merge_and_characteristics(row: Row, kind: str):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), ref, rtol=1e-5, atol=1e-5)
         assert torch.equal(model(x), ref), "merge() must leave the adapted model as it was"
+    plain_structure = [(n, type(m)) for n, m in merged.named_modules()] == base_types and (
+        merged.state_dict().keys() == base.state_dict().keys()
+    )
+    assert plain_structure == method.structure_preserving, "structure_preserving claim is wrong"
     if method.structure_preserving:
-        assert [(n, type(m)) for n, m in merged.named_modules()] == base_types
         plain = tiny_model(kind)
         plain.load_state_dict(merged.state_dict(), strict=True)  # loadable by timm alone
         with torch.no_grad():
@@ -185,6 +204,21 @@ def test_merge_and_characteristics(row: Row, kind: str):
     assert [(n, type(m)) for n, m in restored.named_modules()] == [
         (n, type(m)) for n, m in model.named_modules()
     ]
+
+
+@pytest.mark.parametrize("row,kind", CASES)
+def test_new_parameters_follow_the_model(row: Row, kind: str):
+    """What a method adds is created in the base's floating dtype and on its device."""
+    model = vpeft.adapt(tiny_model(kind).double(), row.method, **row.options).eval()
+    wrong = {n: t.dtype for n, t in model.state_dict().items()
+             if t.is_floating_point() and t.dtype != torch.float64}
+    assert not wrong, f"tensors not in the model's float64: {wrong}"
+    with torch.no_grad():
+        out = model(images().double())
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    meta = vpeft.adapt(tiny_model(kind).to("meta"), row.method, **row.options)
+    off = [n for n, t in meta.state_dict().items() if not t.is_meta]
+    assert not off, f"tensors not on the model's meta device: {off}"
 
 
 @pytest.mark.parametrize("row,kind", CASES)

@@ -1,7 +1,20 @@
-"""Rows of the shared method test matrix, one module per taxonomy branch.
+"""Rows of the shared method test matrix, one module per taxonomy branch (or backbone family).
 
-A row names a registered method, the options it is tested with, and its closed-form count of
-trainable parameters *without the head* as a function of the backbone's dimensions.
+A row names a registered method, the options it is tested with, the tiny backbone kinds it runs
+on, and its closed-form count of trainable parameters *without the head* as a function of the
+backbone's dimensions.
+
+Backbone families. ``Row.backbones`` lists kinds of ``conftest.TINY`` (one tiny random model
+each); the default is the plain-ViT kinds, whose counts are written with ``D``, ``L``, ``H``.
+A row for another family lists that family's kinds (``conftest.kinds_of("swin")`` or the
+constants below) and writes its count with the per-block fields, which hold for every family:
+``widths[i]`` / ``hiddens[i]`` are block ``i``'s token width and MLP hidden width (they differ
+per stage on Swin and ConvNeXt). A family whose closed form needs layer shapes that no field
+holds (kernel sizes of a CNN) reads them from ``Dims.model``, the untouched tiny base model:
+the count still comes from the architecture, never from the adapted model. One method with
+different counts per family is several rows (one per family) or one row whose count branches
+on ``Dims.family``. Every method x family pair that has no row is still checked by
+``tests/test_backbones.py``: it runs or raises ``MissingPartError``.
 """
 
 from __future__ import annotations
@@ -12,14 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
+VIT = ("vit", "deit-distilled", "vit-avgpool-reg")  # the default kinds of a row
+VIT_NOBIAS = ("vit-nobias",)  # attention without q/k/v biases
+EVA = ("eva", "eva-separate")
+SWIN = ("swin", "swinv2")
+CONVNEXT = ("convnext",)
+
 
 @dataclass(frozen=True)
 class Dims:
-    """Dimensions of a ViT backbone, as the closed-form formulas need them."""
+    """Dimensions of a tiny backbone, as the closed-form formulas need them."""
 
-    D: int  # embedding width
+    D: int  # embedding width (the first stage's width on hierarchical models)
     L: int  # number of blocks
-    H: int  # MLP hidden width
+    H: int  # MLP hidden width (the first block's)
     heads: int
     prefix: int  # class/distillation/register tokens
     patches: int  # patch tokens
@@ -27,6 +48,11 @@ class Dims:
     C: int = 3  # image channels
     img: int = 32  # image side
     ln_final: int = 1  # LayerNorms after the blocks (norm or fc_norm) with weights
+    family: str = "vit"  # the view's family
+    qkv_bias: bool = True  # the attention's q/k/v projections have biases
+    widths: tuple[int, ...] = ()  # per block: token width
+    hiddens: tuple[int, ...] = ()  # per block: MLP hidden width
+    model: nn.Module | None = field(default=None, compare=False, repr=False)  # tiny base
 
 
 @dataclass(frozen=True)
@@ -35,7 +61,7 @@ class Row:
     count: Callable[[Dims], int]  # trainable params without head, closed form
     options: dict[str, Any] = field(default_factory=dict)
     zero_init: bool | None = None  # None: take the method's own claim
-    backbones: tuple[str, ...] = ("vit", "deit-distilled", "vit-avgpool-reg")
+    backbones: tuple[str, ...] = VIT  # kinds of conftest.TINY
 
     @property
     def id(self) -> str:

@@ -6,14 +6,22 @@ has the parts it needs; a missing part raises :class:`MissingPartError` naming i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
 
 
 class MissingPartError(ValueError):
-    """The backbone lacks a part that a method needs (attention, token sequence, blocks ...)."""
+    """The backbone lacks a part that a method needs (attention, token sequence, blocks ...).
+
+    ``part`` names what is missing where the raiser knows it in a word (``"sequence_tokens"``).
+    """
+
+    def __init__(self, message: str, part: str = "") -> None:
+        super().__init__(message)
+        self.part = part
 
 
 @dataclass
@@ -24,7 +32,8 @@ class BackboneView:
     are names relative to a block (``None`` where the family has no such part); ``qkv_separate``
     names the separate q, k and v projections where the attention has no fused ``qkv``;
     ``heads`` are the classifier modules trained together with every method. ``block_dims`` is
-    each block's token width (it grows per stage on hierarchical models).
+    each block's token width (it grows per stage on hierarchical models); ``embed_dim`` is the
+    width of the features the final norm sees (the last stage's on hierarchical models).
     """
 
     family: str
@@ -55,7 +64,8 @@ class BackboneView:
             who = f"method '{method}'" if method else "this method"
             raise MissingPartError(
                 f"{who} needs {', '.join(missing)} but the backbone "
-                f"{type(self.model).__name__} (view '{self.family}') has none"
+                f"{type(self.model).__name__} (view '{self.family}') has none",
+                part=", ".join(missing),
             )
 
     def in_head(self, path: str) -> bool:
@@ -77,6 +87,21 @@ class BackboneView:
             return set()
         rel = [p for c, p in zip("qkv", self.qkv_separate) if c in which]
         return {f"{b}.{p}" for b in self.blocks for p in rel}
+
+    @contextmanager
+    def naming(self, method: str) -> Iterator[None]:
+        """Re-raise a :class:`MissingPartError` from inside so that it names ``method`` and this
+        family (a part's own message may say only what is missing)."""
+        try:
+            yield
+        except MissingPartError as e:
+            if f"view '{self.family}'" in str(e):
+                raise
+            raise type(e)(  # the same kind of error (e.g. TargetNotFoundError), with context
+                f"method '{method}' cannot adapt {type(self.model).__name__} (view "
+                f"'{self.family}'): {e}",
+                part=e.part,
+            ) from e
 
     def prepare_model(self) -> None:
         """Run the family's :attr:`prepare` step on the model (no-op where it has none)."""

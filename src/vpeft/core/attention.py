@@ -8,6 +8,8 @@ so the wrapped module keeps computing exactly what timm computes when nothing is
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,13 +20,24 @@ ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "scale", "proj")
 
 
 def check_attention(attn: nn.Module, method: str) -> None:
-    """Raise :class:`MissingPartError` unless ``attn`` looks like timm's fused-qkv Attention."""
+    """Raise :class:`MissingPartError` unless ``attn`` looks like timm's fused-qkv Attention.
+
+    An attention that takes rotary embeddings (EVA's ``forward(x, rope=...)``) is refused too:
+    recomputing it from its parts would drop the rotation.
+    """
+    if "rope" in inspect.signature(attn.forward).parameters:
+        raise MissingPartError(
+            f"method '{method}' needs an attention without rotary position embeddings; "
+            f"{type(attn).__name__} rotates q and k inside its forward",
+            part="attention without rotary embeddings",
+        )
     missing = [p for p in ATTENTION_PARTS if not hasattr(attn, p)]
     if missing or not isinstance(attn.qkv, nn.Linear):
         raise MissingPartError(
             f"method '{method}' needs an attention with a fused qkv Linear and "
             f"{', '.join(ATTENTION_PARTS)}; {type(attn).__name__} lacks "
-            f"{missing or ['a Linear qkv']}"
+            f"{missing or ['a Linear qkv']}",
+            part="fused qkv attention",
         )
 
 
@@ -76,3 +89,15 @@ def pad_mask(attn_mask: torch.Tensor | None, is_causal: bool, n: int, extra: int
 def _apply(attn: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     layer = getattr(attn, name, None)
     return t if layer is None else layer(t)
+
+
+def route_qkv_bias(model: nn.Module) -> None:
+    """Make attentions that add their q/v biases with ``F.linear(x, qkv.weight, bias)`` call
+    ``qkv(x)`` and add the bias after it instead (timm's own ``qkv_bias_separate`` switch).
+
+    timm's EVA and SwinV2 attention read ``qkv.weight`` directly when they have ``q_bias``, so a
+    wrapper around ``qkv`` would never run; after this it does, and the result is the same sum.
+    """
+    for module in model.modules():
+        if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpeft.backbones.base import BackboneView
 from vpeft.core.surgery import NotMergeableError, Wrapper
+from vpeft.core.targeting import find_modules
 
 
 def activation(name: str) -> nn.Module:
@@ -97,6 +99,9 @@ class LinearUpdate(Wrapper):
     def delta_bias(self) -> torch.Tensor | None:
         return None
 
+    def fold_adds_bias(self) -> bool:
+        return self.base.bias is None and self.delta_bias() is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.through_weight:
             bias, db = self.base.bias, self.delta_bias()
@@ -154,6 +159,9 @@ class ScaleShift(Wrapper):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         return y * self._shape(self.scale, y.ndim) + self._shape(self.shift, y.ndim)
+
+    def fold_adds_bias(self) -> bool:
+        return getattr(self.base, "bias", None) is None
 
     def _weight_view(self, w: torch.Tensor) -> torch.Tensor:
         # LayerNorm weights are 1-D; Linear (out, in); Conv (out, in, kh, kw)
@@ -278,3 +286,37 @@ def share(users: list[nn.Module], name: str, shared: nn.Module) -> None:
             user.add_module(name, shared)
         else:
             object.__setattr__(user, name, shared)
+
+
+def output_parts(out_features: int, which: str, fused_qkv: bool) -> list[tuple[int, int]]:
+    """Output row ranges to adapt: slices of q/k/v on a fused layer, else (or with ``which`` =
+    ``'fused'``: one update over the whole layer) all rows."""
+    if not fused_qkv or which == "fused":
+        return [(0, out_features)]
+    d = out_features // 3
+    return [("qkv".index(c) * d, ("qkv".index(c) + 1) * d) for c in "qkv" if c in which]
+
+
+def linear_targets(
+    model: nn.Module, view: BackboneView, targets: tuple[str, ...], which: str, method: str
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The Linear layers that ``targets`` select outside the heads, each with its output rows.
+
+    The pattern ``"qkv"`` means the attention's projections as the view knows them: the fused
+    layer (only the rows of the parts in ``which``, e.g. ``"qv"``), or, where the family has
+    separate projections, the q/k/v Linears named by ``which`` (all their rows). A family with
+    blocks but no attention projections raises :class:`MissingPartError` for it.
+    """
+    patterns, separate = tuple(targets), set()
+    if "qkv" in patterns and not view.qkv and view.blocks:
+        if not view.qkv_separate:
+            view.require("qkv", method=method)
+        patterns = tuple(t for t in patterns if t != "qkv")
+        separate = view.separate_qkv_paths("qkv" if which == "fused" else which)
+    found = set(find_modules(model, patterns, nn.Linear)) if patterns else set()
+    fused = view.fused_qkv_paths()
+    return [
+        (path, output_parts(module.out_features, which, path in fused))
+        for path, module in model.named_modules()
+        if (path in found or path in separate) and not view.in_head(path)
+    ]

@@ -17,8 +17,9 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView, get_view
 from vpeft.core.config import MethodConfig
+from vpeft.core.forward_check import check_forward_path
 from vpeft.core.method import Method
-from vpeft.core.surgery import Wrapper, freeze, mark_trainable
+from vpeft.core.surgery import Wrapper, folds_add_bias, follow_base, freeze, mark_trainable
 from vpeft.registry import get_method, make_config
 
 STATE_ATTR = "vpeft_state"
@@ -132,7 +133,7 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
     rollback = Rollback(model)
     try:
-        _apply(model, impl, view)
+        _apply(model, impl, view, base_tensors)
     except BaseException:
         rollback.restore()
         raise
@@ -144,12 +145,18 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     return model
 
 
-def _apply(model: nn.Module, impl: Method, view: BackboneView) -> None:
-    """Freeze ``model``, let the method change it, then make the head trainable if asked."""
+def _apply(model: nn.Module, impl: Method, view: BackboneView, base_tensors: set[int]) -> None:
+    """Freeze ``model``, let the method change it, check the result, then make the head
+    trainable if asked."""
     was_training = model.training
     freeze(model)
     view.prepare_model()  # the family's forward reads every part through its module
-    impl.apply(model, view)
+    with view.naming(impl.name):  # a missing part's error names the method and family
+        impl.apply(model, view)
+    follow_base(model, base_tensors)  # new parameters follow the model's device and dtype
+    check_forward_path(model, view, impl.name)  # every injected module is called
+    if folds_add_bias(model):  # merging gives bias-less layers a bias: not the plain structure
+        impl.structure_preserving = False
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if impl.config.train_head:
         for h in view.heads:

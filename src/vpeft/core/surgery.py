@@ -33,6 +33,11 @@ class Wrapper(nn.Module):
                 raise
             return getattr(super().__getattr__("base"), name)
 
+    def fold_adds_bias(self) -> bool:
+        """Whether :meth:`fold` must give the base module a bias it does not have (then the
+        merged model no longer loads into the plain architecture)."""
+        return False
+
     @torch.no_grad()
     def fold(self) -> nn.Module:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -73,6 +78,11 @@ def wrappers(model: nn.Module) -> list[tuple[str, Wrapper]]:
     return found
 
 
+def folds_add_bias(model: nn.Module) -> list[str]:
+    """Paths of the wrappers whose fold would add a bias to a bias-less base module."""
+    return [path for path, w in wrappers(model) if w.fold_adds_bias()]
+
+
 def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
 
@@ -84,3 +94,40 @@ def mark_trainable(params: Iterable[nn.Parameter]) -> int:
         p.requires_grad_(True)
         count += p.numel()
     return count
+
+
+def follow_base(model: nn.Module, base_tensors: set[int]) -> None:
+    """Move the tensors a method added onto the base model's device and floating dtype.
+
+    ``base_tensors`` are the ids of the model's tensors before the method ran; everything else
+    (new parameters and buffers) is moved, floating tensors cast, integer ones left in their
+    dtype. Methods may then build their modules with plain ``nn.Linear(...)`` on the CPU.
+    Tensors keep their identity where torch allows it (same kind of device); otherwise (onto
+    ``meta``) they are replaced, a tensor shared by several modules by one shared replacement.
+    """
+    base = [t for t in (*model.parameters(), *model.buffers()) if id(t) in base_tensors]
+    ref = next((t for t in base if t.is_floating_point()), base[0] if base else None)
+    if ref is None:
+        return
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or id(t) in base_tensors:
+                    continue
+                if id(t) not in done:
+                    done[id(t)] = _moved(t, ref.device, ref.dtype)
+                table[name] = done[id(t)]
+
+
+def _moved(t: torch.Tensor, device: torch.device, float_dtype: torch.dtype) -> torch.Tensor:
+    dtype = float_dtype if t.is_floating_point() else t.dtype
+    if t.device == device and t.dtype == dtype:
+        return t
+    data = t.data.to(device=device, dtype=dtype)
+    try:
+        t.data = data  # in place: references a method kept to the tensor stay valid
+        return t
+    except RuntimeError:  # incompatible tensor types (e.g. onto meta): a new tensor
+        done_ = nn.Parameter(data, requires_grad=t.requires_grad)
+        return done_ if isinstance(t, nn.Parameter) else data

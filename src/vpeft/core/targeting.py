@@ -8,9 +8,11 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from vpeft.backbones.base import MissingPartError
 
-class TargetNotFoundError(ValueError):
-    """A target pattern matched no module."""
+
+class TargetNotFoundError(MissingPartError):
+    """A target pattern matched no module: the backbone lacks a part the method targets."""
 
 
 def _matches(name: str, pattern: str) -> bool:

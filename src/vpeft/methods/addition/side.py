@@ -111,7 +111,8 @@ class SideTune(Method):
         return self.config.curriculum > 0  # alpha is 1 until the first training pass
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
-        view.require("patch_embed", "final_norm", "embed_dim", method=self.name)
+        # the side network's output is blended as (B, N, D) patch tokens at the patch stride
+        view.require("patch_embed", "final_norm", "embed_dim", "sequence_tokens", method=self.name)
         cfg: SideTuneConfig = self.config
         stash = Stash()
         side = side_network(view.in_chans, cfg.width, view.patch_size or 16, view.embed_dim)

@@ -23,9 +23,9 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import option
+from vpeft.core.inject import linear_targets
 from vpeft.core.surgery import wrap
-from vpeft.core.targeting import find_modules
-from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, output_parts
+from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear
 from vpeft.registry import register
 
 
@@ -95,10 +95,6 @@ class DoRA(LoRA):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: DoRAConfig = self.config
-        fused = view.fused_qkv_paths()
-        for path in find_modules(model, cfg.targets, nn.Linear):
-            if view.in_head(path):
-                continue
-            parts = output_parts(model.get_submodule(path).out_features, cfg.qkv, path in fused)
+        for path, parts in linear_targets(model, view, cfg.targets, cfg.qkv, self.name):
             wrap(model, path, lambda m, p=parts: DoRALinear(m, cfg.rank, cfg.scale, cfg.dropout,
                                                             p, cfg.detach_norm))

@@ -39,11 +39,10 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, lowrank_, share
+from vpeft.core.inject import LinearUpdate, lowrank_, output_parts, share
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
-from vpeft.methods.partial.lora import output_parts
 from vpeft.registry import register
 
 

@@ -15,9 +15,15 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, add_to_slices, compute_dtype, lowrank_, narrow_linear
+from vpeft.core.inject import (
+    LinearUpdate,
+    add_to_slices,
+    compute_dtype,
+    linear_targets,
+    lowrank_,
+    narrow_linear,
+)
 from vpeft.core.surgery import wrap
-from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
@@ -180,15 +186,6 @@ class LoRALinear(LinearUpdate):
         return delta
 
 
-def output_parts(out_features: int, which: str, fused_qkv: bool) -> list[tuple[int, int]]:
-    """Output row ranges to adapt: slices of q/k/v on a fused layer, else (or with ``which`` =
-    ``'fused'``) all rows."""
-    if not fused_qkv or which == "fused":
-        return [(0, out_features)]
-    d = out_features // 3
-    return [("qkv".index(c) * d, ("qkv".index(c) + 1) * d) for c in "qkv" if c in which]
-
-
 @register
 class LoRA(Reparameterization):
     """LoRA: low-rank updates of Linear weights (default: q and v of attention)."""
@@ -198,10 +195,5 @@ class LoRA(Reparameterization):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: LoRAConfig = self.config
-        fused = view.fused_qkv_paths()
-        for path in find_modules(model, cfg.targets, nn.Linear):
-            if view.in_head(path):
-                continue
-            lin = model.get_submodule(path)
-            parts = output_parts(lin.out_features, cfg.qkv, path in fused)
+        for path, parts in linear_targets(model, view, cfg.targets, cfg.qkv, self.name):
             wrap(model, path, lambda m, p=parts: LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout, p))

@@ -86,6 +86,9 @@ class RepAdaptedLinear(Wrapper):
         shift = sb @ self.down_bias.double() + self.scale * self.up_bias.double()
         return sb, self.down.double(), shift
 
+    def fold_adds_bias(self) -> bool:
+        return self.base.bias is None  # the branch's constant s (B a + b) becomes W-mapped bias
+
     @torch.no_grad()
     def fold(self) -> nn.Module:
         sb, a, shift = self._factors()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from vpeft.backbones.base import BackboneView
@@ -19,6 +20,8 @@ from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
 TARGET_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+# layers whose channels are dim 1 of an (N, C, H, W) output (ConvNeXt's LayerNorm2d norms dim 1)
+CHANNELS_FIRST = (nn.Conv2d, LayerNorm2d)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class SSF(Reparameterization):
             m = model.get_submodule(path)
             if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:
                 raise ValueError(f"ssf cannot fold into {path}: LayerNorm without affine weights")
-            dim = 1 if isinstance(m, nn.Conv2d) else -1
+            dim = 1 if isinstance(m, CHANNELS_FIRST) else -1
             wrap(model, path, lambda b, d=dim: ScaleShift(b, _channels(b), d, cfg.init_std))
 
     @property

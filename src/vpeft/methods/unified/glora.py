@@ -40,10 +40,9 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, _bias_of
+from vpeft.core.inject import LinearUpdate, _bias_of, linear_targets
 from vpeft.core.method import Method, SearchSpace
 from vpeft.core.surgery import wrap
-from vpeft.core.targeting import find_modules
 from vpeft.registry import register
 
 FORMS = {"A": ("lora", "vector", "scalar", "none"), "B": ("lora", "vector", "scalar", "none"),
@@ -99,8 +98,9 @@ class GLoRAConfig(MethodConfig):
 
 
 def target_paths(model: nn.Module, view: BackboneView, targets: tuple[str, ...]) -> list[str]:
-    """The Linear layers GLoRA adapts, in model order (the classifier heads left out)."""
-    return [p for p in find_modules(model, targets, nn.Linear) if not view.in_head(p)]
+    """The Linear layers GLoRA adapts, in model order (the classifier heads left out; ``qkv``
+    is the attention's projections, fused or separate, as the view knows them)."""
+    return [p for p, _ in linear_targets(model, view, targets, "qkv", "glora")]
 
 
 class GLoRALinear(LinearUpdate):
@@ -146,9 +146,11 @@ class GLoRALinear(LinearUpdate):
         delta = torch.zeros_like(w) if a is None else w * a
         return delta if b is None else delta + b
 
-    def delta_bias(self) -> torch.Tensor:
+    def delta_bias(self) -> torch.Tensor | None:
         w, bias = self.base.weight, self.base.bias
         c, d, e = self.support("C"), self.support("D"), self.support("E")
+        if c is None and e is None and (d is None or bias is None):
+            return None  # no bias change: a bias-less layer stays bias-less when merged
         delta = w.new_zeros(w.shape[0])
         if d is not None and bias is not None:
             delta = delta + bias * d
@@ -160,7 +162,8 @@ class GLoRALinear(LinearUpdate):
     def fold(self) -> nn.Module:
         dw, db = self.delta_weight(), self.delta_bias()  # both from the original W and b
         self.base.weight += dw
-        _bias_of(self.base).add_(db)
+        if db is not None:
+            _bias_of(self.base).add_(db)
         return self.base
 
     @torch.no_grad()

@@ -1,0 +1,34 @@
+"""View of timm's ConvNeXt: stages of depthwise-conv + MLP blocks with layer scale on
+(B, C, H, W) maps; the MLP is Linear on channels-last or 1 x 1 convolutions (``conv_mlp``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vpeft.backbones.base import BackboneView, head_paths, register_view
+
+
+@register_view
+def convnext_view(model: nn.Module) -> BackboneView | None:
+    from timm.models.convnext import ConvNeXt
+
+    if not isinstance(model, ConvNeXt):
+        return None
+    blocks = [
+        (f"stages.{s}.blocks.{j}", block)
+        for s, stage in enumerate(model.stages)
+        for j, block in enumerate(stage.blocks)
+    ]
+    dims = [block.conv_dw.out_channels for _, block in blocks]
+    return BackboneView(
+        family="convnext",
+        model=model,
+        blocks=[p for p, _ in blocks],
+        block_dims=dims,
+        mlp="mlp",
+        norms=("norm",),
+        heads=head_paths(model),
+        # no patch embedding or final norm of tokens: the stem is a conv, the norm is in the head
+        embed_dim=model.num_features,
+        in_chans=model.stem[0].in_channels,
+    )
