@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from vpeft.core.inject import LinearUpdate, add_to_slices
-from vpeft.methods.partial.lora import LoRALinear, output_parts
+from vpeft.core.inject import LinearUpdate, add_to_slices, output_parts
+from vpeft.methods.partial.lora import LoRALinear
 
 
 def _lora(parts_of: str, bias: bool = True, dropout: float = 0.0, scale: float = 2.0,

@@ -11,7 +11,8 @@ from rows.foundation import ROWS as FOUNDATION_ROWS
 from rows.foundation import _biases
 from rows.issue4 import ROWS as ISSUE4_ROWS
 from rows.issue5 import ROWS as ISSUE5_ROWS
-from rows.issue5 import _glora_layer
+from rows.unified import ROWS as UNIFIED_ROWS
+from rows.unified import _glora_layer
 
 # methods whose merge folds into qkv: on a bias-less qkv they must not invent a bias (or say so)
 _FOLD_INTO_QKV = {"lora", "dora", "ssf", "repadapter", "glora", "kadaptation", "fact-tt"}
@@ -32,7 +33,7 @@ def _glora(d: Dims) -> int:
 
 ROWS = [
     replace(r, backbones=VIT_NOBIAS)
-    for r in FOUNDATION_ROWS + ISSUE4_ROWS + ISSUE5_ROWS
+    for r in FOUNDATION_ROWS + ISSUE4_ROWS + ISSUE5_ROWS + UNIFIED_ROWS
     if r.method in _FOLD_INTO_QKV
 ] + [
     Row("bitfit", lambda d: _biases(d) - d.L * 3 * d.D, backbones=VIT_NOBIAS),  # no qkv bias
