@@ -92,7 +92,8 @@ def test_prefix_export_drops_the_mlp(tmp_path) -> None:
 @pytest.mark.parametrize("method", ["prefix", "vqt", "lst", "side-tune", "noah"])
 def test_methods_needing_tokens_refuse_a_convnet(method: str) -> None:
     convnet = timm.create_model("convnext_atto", pretrained=False, num_classes=NUM_CLASSES)
-    with pytest.raises(vpeft.MissingPartError, match=r"needs .*(blocks|patch_embed)"):
+    # the ConvNeXt view has blocks but no token sequence (nor attention)
+    with pytest.raises(vpeft.MissingPartError, match=r"needs .*(sequence_tokens|attn)"):
         vpeft.adapt(convnet, method)
 
 

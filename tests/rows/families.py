@@ -41,8 +41,9 @@ ROWS = [
     Row("lora", _lora(8, 2), backbones=EVA + SWIN),  # q and v of every block
     Row("lora", _lora(4, 3), {"rank": 4, "qkv": "qkv"}, backbones=EVA + SWIN),
     Row("dora", lambda d: _lora(8, 2)(d) + sum(2 * w for w in d.widths), backbones=EVA + SWIN),
-    Row("adapter", _per_block(lambda w, h: 2 * (2 * w * 8 + 8 + w)), backbones=EVA + SWIN),
-    Row("adaptformer", _per_block(lambda w, h: 2 * w * 64 + 64 + w),
+    Row("adapter", _per_block(lambda w, h: 2 * (2 * w * 8 + 8 + w)), {"train_norms": False},
+        backbones=EVA + SWIN),
+    Row("adaptformer", _per_block(lambda w, h: 2 * w * 8 + 8 + w),
         backbones=EVA + SWIN + CONVNEXT),
     Row("glora", _glora, {"D": "none"}, backbones=SWIN),
 ]

@@ -8,7 +8,9 @@ LayerNorm and its output is added outside the MLP's drop-path (and layer scale):
     x = x + drop_path(mlp(norm2(x))) + s * up(dropout(relu(down(x))))
 
 with ``s = 0.1`` and dropout 0.1 after the ReLU; ``up`` starts at zero. ``input='norm'`` keeps the
-other form, ``mlp(norm2(x)) + s * branch(norm2(x))`` inside the drop-path.
+other form, ``mlp(norm2(x)) + s * branch(norm2(x))`` inside the drop-path; it is also the form
+used on blocks without a token sequence (ConvNeXt), whose residual stream has another layout than
+the MLP's input.
 
 Bottleneck width: 8 by default, the VTAB-1k setting (0.16M parameters on ViT-B/16) that vpeft's
 benchmark follows; the paper's large-data setting (video, ImageNet-scale) is 64 (1.19M).
@@ -78,8 +80,8 @@ class ParallelBlock(Wrapper):
         y = self.base(x, *args, **kwargs)
         if not self.stash:
             raise RuntimeError("adaptformer: the block's MLP norm did not run")
-        h = self.stash.pop()
-        return y + self.scale * self.branch(h)
+        h = self.stash.pop()  # (B, N, D); Swin blocks return the same tokens as (B, H, W, D)
+        return y + self.scale * self.branch(h).view(y.shape)
 
 
 @register
@@ -94,7 +96,9 @@ class AdaptFormer(BlockAdapterMethod):
         return ("mlp",)
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
-        if self.config.input == "norm":
+        # a block whose residual stream is not a token sequence (ConvNeXt: NCHW around a
+        # channels-last MLP) has no residual input in the MLP's layout: use the 'norm' form there
+        if self.config.input == "norm" or not view.sequence_tokens:
             return super().apply(model, view)
         view.require("blocks", "mlp", "norms", method=self.name)
         mlp_norm = view.norms[-1]  # the pre-norm of the MLP (norm2 on a ViT block)
