@@ -17,6 +17,7 @@ from torch import nn
 
 from vpeft.backbones.base import get_view
 from vpeft.core.config import MethodConfig
+from vpeft.core.conv import freeze_norm_stats
 from vpeft.core.method import Method
 from vpeft.core.surgery import Wrapper, freeze, mark_trainable
 from vpeft.registry import get_method, make_config
@@ -94,6 +95,8 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     was_training = model.training
     freeze(model)
     impl.apply(model, view)
+    if not getattr(config, "norm_stats", False):  # BatchNorm statistics stay the pre-trained ones
+        freeze_norm_stats(model)
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if config.train_head:
         for h in view.heads:

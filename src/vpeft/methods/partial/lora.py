@@ -3,6 +3,13 @@
 On a ViT's fused ``qkv`` layer only the chosen parts (default q and v, as the paper) get an update;
 ``B`` starts at zero so the adapted model starts equal to the base; merging adds
 ``alpha / rank * B @ A`` to the weight and leaves a plain ``nn.Linear``.
+
+On convolutions (targets that select ``nn.Conv2d`` layers) the update is a low-rank conv pair:
+a k x k conv to r channels, then a 1 x 1 conv (:class:`~vpeft.core.conv.LowRankConv`), merged
+exactly into the kernel. On a backbone without attention (a CNN view) the default targets are
+every non-depthwise conv inside the blocks plus the view's ``final_features`` conv, the layer
+whose output the head reads (EfficientNet's ``conv_head``); depthwise convs are refused when
+targeted, as their kernels have one input channel.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
+from vpeft.core.conv import LowRankConv, is_depthwise
 from vpeft.core.inject import LinearUpdate, add_to_slices, compute_dtype, lowrank_, narrow_linear
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
@@ -31,8 +39,9 @@ class LoRAConfig(MethodConfig):
     dropout: float = option(0.0, "Dropout on the LoRA branch's input.")
     targets: tuple[str, ...] = option(
         ("qkv",),
-        "Linear layers to adapt, by name pattern "
-        "(glob on the dotted name or its suffix; 're:' for regex).",
+        "Linear or Conv2d layers to adapt, by name pattern "
+        "(glob on the dotted name or its suffix; 're:' for regex). On a CNN the default "
+        "means the non-depthwise convs of the blocks plus the conv feeding the head.",
     )
     qkv: str = option("qv", "Which of q, k, v get an update on fused qkv layers.")
 
@@ -192,9 +201,22 @@ class LoRA(Reparameterization):
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: LoRAConfig = self.config
         fused = view.fused_qkv_paths()
-        for path in find_modules(model, cfg.targets, nn.Linear):
+        for path in target_paths(model, view, cfg):
             if view.in_head(path):
                 continue
-            lin = model.get_submodule(path)
-            parts = output_parts(lin.out_features, cfg.qkv, path in fused)
+            layer = model.get_submodule(path)
+            if isinstance(layer, nn.Conv2d):
+                wrap(model, path, lambda m: LowRankConv(m, cfg.rank, cfg.scale, cfg.dropout))
+                continue
+            parts = output_parts(layer.out_features, cfg.qkv, path in fused)
             wrap(model, path, lambda m, p=parts: LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout, p))
+
+
+def target_paths(model: nn.Module, view: BackboneView, cfg: LoRAConfig) -> list[str]:
+    """The Linear/Conv2d layers ``cfg.targets`` selects; on a backbone with convs but no
+    attention, the default targets are its block convs (not depthwise) and ``final_features``."""
+    default = LoRAConfig.__dataclass_fields__["targets"].default
+    if cfg.targets == default and view.qkv is None and view.convs:
+        convs = [p for p in view.convs if not is_depthwise(model.get_submodule(p))]
+        return convs + ([view.final_features] if view.final_features else [])
+    return find_modules(model, cfg.targets, (nn.Linear, nn.Conv2d))
