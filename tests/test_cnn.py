@@ -20,6 +20,13 @@ from vpeft.core.conv import LowRankConv, is_depthwise
 from vpeft.core.surgery import NotMergeableError
 
 from conftest import NUM_CLASSES
+from rows.cnn import (
+    backbone_count,
+    bias_count,
+    bn_affine_count,
+    conv_adapter_count,
+    lora_default_count,
+)
 
 BUILDERS = {
     "resnet": lambda: ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 16, 32), stem_width=8,
@@ -63,54 +70,20 @@ def convs(model: nn.Module, prefix: str = "") -> dict[str, nn.Conv2d]:
             if isinstance(m, nn.Conv2d) and n.startswith(prefix)}
 
 
-# -- closed-form counts, from the layers' shapes -------------------------------------------------
-def lora_conv_count(conv: nn.Conv2d, r: int) -> int:
-    """A: r kernels per group of (in/g, kh, kw); B: out x r."""
-    kh, kw = conv.kernel_size
-    return conv.groups * r * (conv.in_channels // conv.groups) * kh * kw + conv.out_channels * r
-
-
-def lora_default_count(model: nn.Module, r: int = 8, dora: bool = False) -> int:
-    view = vpeft.get_view(model)
-    layers = [model.get_submodule(p) for p in view.convs]
-    layers = [c for c in layers if not is_depthwise(c)]
-    if view.final_features:
-        layers.append(model.get_submodule(view.final_features))
-    return sum(lora_conv_count(c, r) + (c.out_channels if dora else 0) for c in layers)
-
-
-def bn_layers(model: nn.Module) -> list[_BatchNorm]:
-    view = vpeft.get_view(model)
-    return [m for n, m in model.named_modules()
-            if isinstance(m, _BatchNorm) and not view.in_head(n)]
-
-
-def conv_adapter_count(model: nn.Module, reduction: int = 4, k: int = 3) -> int:
-    total = 0
-    for c in vpeft.get_view(model).block_dims:
-        w = c // reduction
-        total += (w * reduction * k * k + w) + (c * w + c) + c  # down, up, alpha
-    return total
-
-
+# closed-form counts, from the layers' shapes (shared with the matrix's CNN rows)
 ROWS = [
-    ("full", {}, lambda m: sum(p.numel() for n, p in m.named_parameters()
-                               if not vpeft.get_view(m).in_head(n))),
+    ("full", {}, backbone_count),
     ("linear", {}, lambda m: 0),
-    ("bitfit", {}, lambda m: sum(
-        p.numel() for n, p in m.named_parameters()
-        if n.endswith("bias") and not vpeft.get_view(m).in_head(n))),
-    ("ln-tune", {}, lambda m: sum(2 * b.num_features for b in bn_layers(m))),
-    ("ssf", {}, lambda m: sum(2 * b.num_features for b in bn_layers(m))),
-    ("ssf", {"init_std": 0.0}, lambda m: sum(2 * b.num_features for b in bn_layers(m))),
+    ("bitfit", {}, bias_count),
+    ("ln-tune", {}, bn_affine_count),
+    ("ssf", {}, bn_affine_count),
+    ("ssf", {"init_std": 0.0}, bn_affine_count),
     ("lora", {}, lora_default_count),
     ("lora", {"rank": 2}, lambda m: lora_default_count(m, 2)),
     ("dora", {}, lambda m: lora_default_count(m, dora=True)),
     ("conv-adapter", {}, conv_adapter_count),
-    ("conv-adapter", {"every": "stage", "reduction": 2}, lambda m: sum(
-        (c // 2) * 2 * 9 + c // 2 + c * (c // 2) + 2 * c
-        for b, c in zip(vpeft.get_view(m).blocks, vpeft.get_view(m).block_dims, strict=True)
-        if b.endswith(".0"))),  # the tiny models' stages have one block each
+    ("conv-adapter", {"every": "stage", "reduction": 2},
+     lambda m: conv_adapter_count(m, 2, every="stage")),
 ]
 CASES = [pytest.param(m, o, c, k, id=f"{m}{o or ''}-{k}") for m, o, c in ROWS for k in KINDS]
 
