@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.models.efficientnet import _gen_efficientnet_lite
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.resnet import Bottleneck as ResNetBottleneck
+from torch.nn.modules.batchnorm import _BatchNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -24,7 +28,8 @@ TINY_DIMS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_
 IMG = TINY_DIMS["img_size"]  # every tiny model takes IMG x IMG images
 _SWIN = {"img_size": IMG, "patch_size": 4, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
          "num_heads": (2, 4), "drop_path_rate": 0.0}
-# kind -> (timm architecture, all its overrides); tiny so a forward/backward takes milliseconds.
+# kind -> (timm architecture or a model class/builder, all its overrides); tiny so a
+# forward/backward takes milliseconds.
 # Kinds of one backbone family share a name prefix only by convention: tests group kinds by the
 # family of their view (``vpeft.get_view(model).family``), see ``kinds_of``.
 TINY = {
@@ -50,6 +55,17 @@ TINY = {
     "convnext": ("convnext_tiny", {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1),
                                    "drop_path_rate": 0.0,
                                    "pretrained_cfg_overlay": {"input_size": (3, IMG, IMG)}}),
+    # BatchNorm CNNs (a builder where timm's factory has no size options): ResNet, ResNeXt with
+    # grouped 3x3 convs (not depthwise), EfficientNet-Lite with Conv2dSame, depthwise convs,
+    # BatchNormAct2d and conv_head
+    "resnet": (ResNet, {"block": BasicBlock, "layers": [1, 1, 1, 1], "channels": (8, 16, 16, 32),
+                        "stem_width": 8, "zero_init_last": False}),
+    "resnext": (ResNet, {"block": ResNetBottleneck, "layers": [1, 1, 1, 1],
+                         "channels": (8, 16, 16, 32), "stem_width": 8, "cardinality": 2,
+                         "base_width": 32, "zero_init_last": False}),
+    "effnet": (functools.partial(_gen_efficientnet_lite, "tf_efficientnet_lite0"),
+               {"channel_multiplier": 0.25, "depth_multiplier": 0.25, "pad_type": "same",
+                "bn_eps": 1e-3}),
 }
 
 
@@ -62,7 +78,20 @@ def _open_post_norms(model: torch.nn.Module) -> None:
                 p.fill_(1.0)
 
 
-AFTER_INIT = {"swinv2": _open_post_norms}  # kind -> what a pretrained model would already be
+def _pretrained_like_norms(model: torch.nn.Module) -> None:
+    # BatchNorm as after pre-training: statistics and affine maps that are not the identity
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.1, generator=g)
+
+
+# kind -> what a pretrained model would already be
+AFTER_INIT = {"swinv2": _open_post_norms, "resnet": _pretrained_like_norms,
+              "resnext": _pretrained_like_norms, "effnet": _pretrained_like_norms}
 NUM_CLASSES = 5
 # the methods of the foundation issue, which every later layer (engine, bench) relies on
 FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer", "vpt-shallow",
@@ -73,7 +102,10 @@ FOUNDATION = ["full", "linear", "bitfit", "lora", "ssf", "adapter", "adaptformer
 def _tiny_template(kind: str, seed: int) -> torch.nn.Module:
     arch, kwargs = TINY[kind]
     torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+    if callable(arch):
+        model = arch(num_classes=NUM_CLASSES, **kwargs).eval()
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
     AFTER_INIT.get(kind, lambda m: None)(model)
     return model
 

@@ -46,6 +46,9 @@ class BackboneView:
     mlp: str | None = None
     norms: tuple[str, ...] = ()
     heads: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # CNN stages (a block list each), in order
+    convs: list[str] = field(default_factory=list)  # every Conv2d inside the blocks
+    final_features: str | None = None  # the layer after the blocks that feeds the head (conv_head)
     patch_embed: str | None = None
     final_norm: str | None = None
     sequence_tokens: bool = False  # blocks take (B, N, D) token sequences

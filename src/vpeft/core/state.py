@@ -17,6 +17,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView, get_view
 from vpeft.core.config import MethodConfig
+from vpeft.core.conv import freeze_norm_stats
 from vpeft.core.forward_check import check_forward_path
 from vpeft.core.method import Method
 from vpeft.core.surgery import Wrapper, folds_add_bias, follow_base, freeze, mark_trainable
@@ -157,6 +158,8 @@ def _apply(model: nn.Module, impl: Method, view: BackboneView, base_tensors: set
     check_forward_path(model, view, impl.name)  # every injected module is called
     if folds_add_bias(model):  # merging gives bias-less layers a bias: not the plain structure
         impl.structure_preserving = False
+    if not getattr(impl.config, "norm_stats", False):  # BatchNorm statistics stay pre-trained
+        freeze_norm_stats(model)
     model.train(was_training)  # new modules start in training mode; match the model's mode
     if impl.config.train_head:
         for h in view.heads:

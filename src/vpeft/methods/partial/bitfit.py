@@ -17,6 +17,9 @@ class BitFitConfig(MethodConfig):
     """BitFit (Zaken et al., 2022) trains every bias term of the backbone."""
 
     norms: bool = option(True, "Include normalisation-layer biases (as the BitFit paper does).")
+    norm_stats: bool = option(
+        False, "Update BatchNorm running statistics while training (default: frozen, eval mode)."
+    )
 
 
 @register

@@ -12,6 +12,9 @@ paper suggests (Sec. 4.3), the norm is treated as a constant in the backward pas
 Targets follow LoRA (whose options and helpers this reuses): on a fused ``qkv`` only the chosen
 parts (default q and v) are decomposed, each output row of them with its own magnitude; rows of
 the other parts are untouched. Merging writes ``W'`` into the weight: a plain ``nn.Linear``.
+
+On a ``nn.Conv2d`` (selected as LoRA selects them) the direction is LoRA's conv pair update of
+the kernel and each output channel has a magnitude, the norm over its ``(in, kh, kw)`` kernel.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import option
-from vpeft.core.inject import linear_targets
+from vpeft.core.conv import LowRankConv
 from vpeft.core.surgery import wrap
-from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear
+from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, lora_targets
 from vpeft.registry import register
 
 
@@ -86,6 +89,49 @@ class DoRALinear(LoRALinear):
         self._folded_norm = None
 
 
+class DoRAConv(LowRankConv):
+    """LoRA's conv pair on the kernel's direction plus a per-output-channel magnitude."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, scale: float, dropout: float,
+                 detach_norm: bool) -> None:
+        super().__init__(base, rank, scale, dropout)
+        self.detach_norm = detach_norm
+        self.magnitude = nn.Parameter(base.weight.detach().flatten(1).norm(dim=1))
+        self._folded_norm: torch.Tensor | None = None
+
+    def direction_norm(self) -> torch.Tensor:
+        return (self.base.weight + self.delta_weight()).flatten(1).norm(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+            norm = self.direction_norm()
+        ratio = (self.magnitude / norm).to(y.dtype)[:, None, None]
+        bias = self.base.bias
+        if bias is None:
+            return y * ratio
+        c = bias[:, None, None]
+        return torch.addcmul(c, y - c, ratio)  # the magnitude scales the kernel, not the bias
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        norm = self.direction_norm()
+        w = self.base.weight
+        ratio = (self.magnitude / norm).view(-1, *[1] * (w.ndim - 1))
+        w.copy_(((w + self.delta_weight()) * ratio).to(w.dtype))
+        self._folded_norm = norm
+        return self.base
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        if self._folded_norm is None:
+            raise RuntimeError("DoRAConv.unfold called before fold")
+        w = self.base.weight
+        ratio = (self._folded_norm / self.magnitude).view(-1, *[1] * (w.ndim - 1))
+        w.copy_(w * ratio - self.delta_weight())
+        self._folded_norm = None
+
+
 @register
 class DoRA(LoRA):
     """DoRA: LoRA on the direction of each weight row plus a learned magnitude."""
@@ -95,6 +141,10 @@ class DoRA(LoRA):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: DoRAConfig = self.config
-        for path, parts in linear_targets(model, view, cfg.targets, cfg.qkv, self.name):
+        for path, parts in lora_targets(model, view, cfg, self.name):
+            if parts is None:  # a Conv2d
+                wrap(model, path, lambda m: DoRAConv(m, cfg.rank, cfg.scale, cfg.dropout,
+                                                     cfg.detach_norm))
+                continue
             wrap(model, path, lambda m, p=parts: DoRALinear(m, cfg.rank, cfg.scale, cfg.dropout,
                                                             p, cfg.detach_norm))

@@ -2,6 +2,8 @@
 
 Every normalisation layer of the backbone (the blocks' ``norm1``/``norm2`` and the final ``norm`` or
 ``fc_norm``) keeps its affine parameters trainable; nothing is added, so merging is a no-op.
+On CNNs this tunes the BatchNorm scales and shifts; their running statistics stay frozen (the
+layers normalise in eval mode) unless ``norm_stats`` asks for them to be updated.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from vpeft.backbones.base import BackboneView
-from vpeft.core.config import MethodConfig
+from vpeft.core.config import MethodConfig, option
 from vpeft.methods.partial.base import Specification
 from vpeft.registry import register
 
@@ -20,7 +22,11 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
 @dataclass
 class LNTuneConfig(MethodConfig):
-    """LN-Tune has no options of its own."""
+    """LN-Tune trains the affine parameters of LayerNorm, GroupNorm and BatchNorm layers."""
+
+    norm_stats: bool = option(
+        False, "Update BatchNorm running statistics while training (default: frozen, eval mode)."
+    )
 
 
 def norm_params(model: nn.Module, view: BackboneView) -> list[nn.Parameter]:

@@ -3,6 +3,13 @@
 On a ViT's fused ``qkv`` layer only the chosen parts (default q and v, as the paper) get an update;
 ``B`` starts at zero so the adapted model starts equal to the base; merging adds
 ``alpha / rank * B @ A`` to the weight and leaves a plain ``nn.Linear``.
+
+On convolutions (targets that select ``nn.Conv2d`` layers) the update is a low-rank conv pair:
+a k x k conv to r channels, then a 1 x 1 conv (:class:`~vpeft.core.conv.LowRankConv`), merged
+exactly into the kernel. On a backbone without attention (a CNN view) the default targets are
+every non-depthwise conv inside the blocks plus the view's ``final_features`` conv, the layer
+whose output the head reads (EfficientNet's ``conv_head``); depthwise convs are refused when
+targeted, as their kernels have one input channel.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
+from vpeft.core.conv import LowRankConv, is_depthwise
 from vpeft.core.inject import (
     LinearUpdate,
     add_to_slices,
@@ -24,6 +32,7 @@ from vpeft.core.inject import (
     narrow_linear,
 )
 from vpeft.core.surgery import wrap
+from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
@@ -37,8 +46,9 @@ class LoRAConfig(MethodConfig):
     dropout: float = option(0.0, "Dropout on the LoRA branch's input.")
     targets: tuple[str, ...] = option(
         ("qkv",),
-        "Linear layers to adapt, by name pattern "
-        "(glob on the dotted name or its suffix; 're:' for regex).",
+        "Linear or Conv2d layers to adapt, by name pattern "
+        "(glob on the dotted name or its suffix; 're:' for regex). On a CNN the default "
+        "means the non-depthwise convs of the blocks plus the conv feeding the head.",
     )
     qkv: str = option(
         "qv",
@@ -195,5 +205,30 @@ class LoRA(Reparameterization):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: LoRAConfig = self.config
-        for path, parts in linear_targets(model, view, cfg.targets, cfg.qkv, self.name):
+        for path, parts in lora_targets(model, view, cfg, self.name):
+            if parts is None:  # a Conv2d
+                wrap(model, path, lambda m: LowRankConv(m, cfg.rank, cfg.scale, cfg.dropout))
+                continue
             wrap(model, path, lambda m, p=parts: LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout, p))
+
+
+def lora_targets(model: nn.Module, view: BackboneView, cfg: LoRAConfig,
+                 method: str) -> list[tuple[str, list[tuple[int, int]] | None]]:
+    """``(path, output rows)`` of the layers to adapt; rows are ``None`` for a Conv2d.
+
+    Linear layers come from :func:`~vpeft.core.inject.linear_targets` (``qkv`` as the view knows
+    it). On a backbone without a token sequence (a CNN, ConvNeXt) the patterns also select Conv2d
+    layers, and the default targets mean its block convs (not depthwise) and ``final_features``.
+    """
+    default = LoRAConfig.__dataclass_fields__["targets"].default
+    if cfg.targets == default and view.qkv is None and not view.qkv_separate and view.convs:
+        convs = [p for p in view.convs if not is_depthwise(model.get_submodule(p))]
+        return [(p, None) for p in convs + ([view.final_features] if view.final_features else [])]
+    if view.sequence_tokens or not view.convs:
+        return linear_targets(model, view, cfg.targets, cfg.qkv, method)
+    found = find_modules(model, cfg.targets, (nn.Linear, nn.Conv2d))
+    return [
+        (p, None) if isinstance(model.get_submodule(p), nn.Conv2d)
+        else (p, [(0, model.get_submodule(p).out_features)])
+        for p in found if not view.in_head(p)
+    ]
