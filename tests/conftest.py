@@ -104,6 +104,8 @@ def _tiny_template(kind: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     if callable(arch):
         model = arch(num_classes=NUM_CLASSES, **kwargs).eval()
+        # what timm's factory would attach: the input size the model is meant for
+        model.pretrained_cfg = {"input_size": (3, IMG, IMG)}
     else:
         model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
     AFTER_INIT.get(kind, lambda m: None)(model)

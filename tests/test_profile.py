@@ -126,7 +126,10 @@ def test_flops_count_every_method_and_leave_trainable_flags_alone():
     for info in vpeft.list_methods():
         if info.name in ("kadaptation", "hf-lora"):  # n=32 does not divide width 48; optional dep
             continue
-        model = vpeft.adapt(tiny_model(), info.name)
+        try:
+            model = vpeft.adapt(tiny_model(), info.name)
+        except vpeft.MissingPartError:  # a method for another family (conv-adapter: CNN stages)
+            continue
         flags = [p.requires_grad for p in model.parameters()]
         flops = flops_per_image(model, TINY_DIMS["img_size"])
         # an adapted model computes at least what the base does (counted, not zero or broken)
