@@ -40,13 +40,10 @@ import argparse
 import json
 import typing
 from dataclasses import fields
-from typing import TYPE_CHECKING
 
 from vpeft.commands._common import add_dataclass_options, check_weights_file
 from vpeft.engine.config import TrainConfig, coerce
-
-if TYPE_CHECKING:
-    from vpeft.engine.search import SearchConfig
+from vpeft.engine.search_config import SearchConfig
 
 HELP = "NOAH / GLoRA: train a supernet, search subnets under a parameter budget, retrain the best"
 # options a search sets itself, per stage
@@ -54,8 +51,6 @@ _FIXED = ("method", "method_args", "val", "overwrite", "resume")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vpeft.engine.search import SearchConfig  # its module needs torch: only for this command
-
     add_dataclass_options(p.add_argument_group("search options"), SearchConfig, ("train",))
     add_dataclass_options(p.add_argument_group("training options (both training stages)"),
                           TrainConfig, _FIXED)
@@ -63,8 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """A :class:`SearchConfig` from the parsed flags (defaults where none was given)."""
-    from vpeft.engine.search import SearchConfig
-
     values = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "_run")}
     names = {f.name for f in fields(SearchConfig)} - {"train"}
     hints = typing.get_type_hints(SearchConfig)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "EvalResult": "vpeft.engine.evaluate",
     "evaluate": "vpeft.engine.evaluate",
     "evaluate_run": "vpeft.engine.evaluate",
-    "SearchConfig": "vpeft.engine.search",
+    "SearchConfig": "vpeft.engine.search_config",
     "search": "vpeft.engine.search",
     "train": "vpeft.engine.train",
 }
@@ -32,7 +32,8 @@ __all__ = ["EvalResult", "SearchConfig", "TrainConfig", "evaluate", "evaluate_ru
 if TYPE_CHECKING:
     from vpeft.engine.config import TrainConfig
     from vpeft.engine.evaluate import EvalResult, evaluate, evaluate_run
-    from vpeft.engine.search import SearchConfig, search
+    from vpeft.engine.search import search
+    from vpeft.engine.search_config import SearchConfig
     from vpeft.engine.train import train
 
 
