@@ -8,7 +8,9 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from vpeft.backbones.base import MissingPartError
+from vpeft.backbones.base import BackboneView, MissingPartError
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
 
 class TargetNotFoundError(MissingPartError):
@@ -73,3 +75,13 @@ def _examples(names: list[str], limit: int = 12) -> str:
             seen.append(g)
     more = f" ... (+{len(seen) - limit} more)" if len(seen) > limit else ""
     return ", ".join(seen[:limit]) + more if seen else "(none)"
+
+
+def norm_params(model: nn.Module, view: BackboneView) -> list[nn.Parameter]:
+    """Affine parameters of every normalisation layer outside the classifier heads (LN-Tune,
+    DiffFit, Houlsby adapters' trained norms)."""
+    return [
+        p for name, m in model.named_modules()
+        if isinstance(m, NORM_TYPES) and not view.in_head(name)
+        for p in m.parameters(recurse=False)
+    ]

@@ -20,7 +20,7 @@ from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import Bottleneck, Bypass
 from vpeft.core.method import Method
 from vpeft.core.surgery import mark_trainable, wrap
-from vpeft.methods.partial.ln_tune import norm_params
+from vpeft.core.targeting import norm_params
 from vpeft.registry import register
 
 

@@ -20,8 +20,8 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.surgery import NotMergeableError, Wrapper, mark_trainable, wrap
+from vpeft.core.targeting import norm_params
 from vpeft.methods.partial.base import Specification, backbone_params
-from vpeft.methods.partial.ln_tune import norm_params
 from vpeft.registry import register
 
 

@@ -14,10 +14,9 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
+from vpeft.core.targeting import norm_params
 from vpeft.methods.partial.base import Specification
 from vpeft.registry import register
-
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
 
 @dataclass
@@ -27,15 +26,6 @@ class LNTuneConfig(MethodConfig):
     norm_stats: bool = option(
         False, "Update BatchNorm running statistics while training (default: frozen, eval mode)."
     )
-
-
-def norm_params(model: nn.Module, view: BackboneView) -> list[nn.Parameter]:
-    """Affine parameters of every normalisation layer outside the classifier heads."""
-    return [
-        p for name, m in model.named_modules()
-        if isinstance(m, NORM_TYPES) and not view.in_head(name)
-        for p in m.parameters(recurse=False)
-    ]
 
 
 @register
