@@ -26,6 +26,10 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
                                               "embed_dim": 32, "depths": (1, 1),
                                               "num_heads": (2, 4)}),
     "convnext": ("convnext_tiny", {"dims": (32, 32, 32, 32), "depths": (1, 1, 1, 1)}),
+    # BatchNorm CNNs: a ResNet, and an inverted-residual net with depthwise convs
+    "resnet": ("resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 16, 32, 32),
+                            "stem_width": 16}),
+    "mobilenet": ("mobilenetv3_small_050", {}),
 }
 
 
@@ -60,6 +64,7 @@ def compatibility(methods: list[str], labels: list[str] | None = None) -> list[C
     for label in labels or list(EXAMPLES):
         base = example_model(label)
         family = get_view(base).family
+        family = family if family == label else f"{family} ({label})"  # e.g. "cnn (resnet)"
         for name in methods:
             try:
                 adapt(copy.deepcopy(base), name)
