@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vpeft.backbones.base import BackboneView, head_paths, register_view
+from vpeft.backbones.base import BackboneView, register_view
+from vpeft.backbones.vit import token_model_parts
 from vpeft.core.attention import route_qkv_bias
 
 
@@ -37,21 +38,11 @@ def eva_view(model: nn.Module) -> BackboneView | None:
     return BackboneView(
         family="eva",
         model=model,
-        blocks=[f"blocks.{i}" for i in range(len(model.blocks))],
-        block_dims=[model.embed_dim] * len(model.blocks),
         attn="attn" if attn is not None else None,
         qkv="attn.qkv" if fused else None,
         qkv_separate=None if fused or attn is None else ("attn.q_proj", "attn.k_proj",
                                                           "attn.v_proj"),
         mlp="mlp",
-        norms=("norm1", "norm2"),
-        heads=head_paths(model),
-        patch_embed="patch_embed",
-        final_norm="norm",
-        sequence_tokens=True,
-        num_prefix_tokens=model.num_prefix_tokens,
-        embed_dim=model.embed_dim,
-        patch_size=model.patch_embed.patch_size[0],
-        in_chans=model.patch_embed.proj.in_channels,
         prepare=_prepare,
+        **token_model_parts(model),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from vpeft.backbones.base import BackboneView, head_paths, register_view
@@ -18,11 +20,19 @@ def vit_view(model: nn.Module) -> BackboneView | None:
     return BackboneView(
         family="vit",
         model=model,
-        blocks=[f"blocks.{i}" for i in range(len(model.blocks))],
-        block_dims=[model.embed_dim] * len(model.blocks),
         attn="attn" if has_attn else None,
         qkv="attn.qkv" if has_attn and hasattr(first.attn, "qkv") else None,
         mlp="mlp" if first is not None and hasattr(first, "mlp") else None,
+        **token_model_parts(model),
+    )
+
+
+def token_model_parts(model: nn.Module) -> dict[str, Any]:
+    """The view fields every timm ViT-style model shares (ViT, EVA): pre-norm blocks with
+    ``norm1``/``norm2``, a patch embedding, prefix tokens, one width and a final ``norm``."""
+    return dict(
+        blocks=[f"blocks.{i}" for i in range(len(model.blocks))],
+        block_dims=[model.embed_dim] * len(model.blocks),
         norms=("norm1", "norm2"),
         heads=head_paths(model),
         patch_embed="patch_embed",
