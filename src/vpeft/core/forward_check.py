@@ -14,8 +14,9 @@ from vpeft.backbones.base import BackboneView
 from vpeft.core.surgery import wrappers
 
 
-class BypassedModuleError(RuntimeError):
-    """A module a method injected is not called by the model's forward."""
+class BypassedModuleError(ValueError):
+    """A module a method injected is not called by the model's forward (a ``ValueError``, so the
+    command line reports it in one line like the other refusals of a method on a backbone)."""
 
 
 def probe_input(model: nn.Module, view: BackboneView) -> torch.Tensor:
