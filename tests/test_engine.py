@@ -75,7 +75,7 @@ def test_train_writes_a_complete_run_folder(data: Path, tmp_path: Path) -> None:
     assert all(r["images"] == 56 and r["lr"] > 0 and r["seconds"] >= 0 and 0 <= r["train_top1"]
                <= 100 and r["loss"] > 0 for r in history)
     saved = TrainConfig.from_yaml(out / "config.yaml")  # the resolved config loads back
-    assert (saved.method_args["rank"], saved.method_args["qkv"], saved.img_size) == (4, "qv", 32)
+    assert (saved.method_args["rank"], saved.method_args["qkv"], saved.img_size) == (4, "fused", 32)
     assert (out / "classes.txt").read_text().split() == [f"class_{c}" for c in range(4)]
     # the saved adapter reproduces the reported accuracy, through vpeft.load
     again = evaluate_run(out, num_workers=0, show_progress=False)

@@ -33,9 +33,9 @@ ROWS = [
     Row("full", _backbone),
     Row("linear", lambda d: 0),
     Row("bitfit", _biases),
-    Row("lora", lambda d: d.L * 2 * (8 * d.D + d.D * 8)),
+    Row("lora", lambda d: d.L * (8 * d.D + 3 * d.D * 8)),  # one pair on the fused qkv
     Row("lora", lambda d: d.L * 3 * (4 * d.D + d.D * 4), {"rank": 4, "qkv": "qkv"}),
-    Row("lora", lambda d: d.L * (8 * d.D + 3 * d.D * 8), {"qkv": "fused"}),  # PEFT's form
+    Row("lora", lambda d: d.L * 2 * (8 * d.D + d.D * 8), {"qkv": "qv"}),  # the paper's form
     Row(
         "lora",
         lambda d: d.L * ((2 * (2 * d.D + d.D * 2)) + (2 * d.D + d.H * 2)),

@@ -312,7 +312,8 @@ def linear_targets(
         if not view.qkv_separate:
             view.require("qkv", method=method)
         patterns = tuple(t for t in patterns if t != "qkv")
-        separate = view.separate_qkv_paths("qkv" if which == "fused" else which)
+        # no fused layer to share one pair over: 'fused' falls back to the paper's q and v
+        separate = view.separate_qkv_paths("qv" if which == "fused" else which)
     found = set(find_modules(model, patterns, nn.Linear)) if patterns else set()
     fused = view.fused_qkv_paths()
     return [

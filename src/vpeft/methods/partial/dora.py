@@ -34,6 +34,8 @@ from vpeft.registry import register
 
 @dataclass
 class DoRAConfig(LoRAConfig):
+    qkv: str = option("qv", "Which of q, k, v get an update on fused qkv layers, each with its "
+                            "own A, B and magnitudes; 'fused': one over the whole layer.")
     detach_norm: bool = option(True, "Treat ||W + sBA||_c as a constant in the backward pass "
                                      "(the paper's memory-saving choice, Sec. 4.3).")
 

@@ -1,8 +1,13 @@
 """LoRA (Hu et al., 2022, arXiv:2106.09685): a low-rank update ``B @ A`` of chosen Linear weights.
 
-On a ViT's fused ``qkv`` layer only the chosen parts (default q and v, as the paper) get an update;
-``B`` starts at zero so the adapted model starts equal to the base; merging adds
-``alpha / rank * B @ A`` to the weight and leaves a plain ``nn.Linear``.
+On a ViT's fused ``qkv`` layer the default (``qkv='fused'``) is one ``A``, ``B`` pair over the whole
+layer, as NOAH's official LoRA baseline on VTAB-1k and Hugging Face PEFT on timm models: in vpeft's
+3-seed comparison (docs/benchmarks.md) it beat the paper's separate q and v pairs at the same
+parameter count on every task and seed. ``qkv='qv'`` gives the paper's form (Hu et al., Sec. 4.2),
+any subset of ``qkv`` one pair per part. On separate q/k/v projections (EVA, Hugging Face CLIP)
+there is no fused layer: the default then adapts q and v. ``B`` starts at zero so the adapted
+model starts equal to the base; merging adds ``alpha / rank * B @ A`` to the weight and leaves a
+plain ``nn.Linear``.
 
 On convolutions (targets that select ``nn.Conv2d`` layers) the update is a low-rank conv pair:
 a k x k conv to r channels, then a 1 x 1 conv (:class:`~vpeft.core.conv.LowRankConv`), merged
@@ -51,9 +56,10 @@ class LoRAConfig(MethodConfig):
         "means the non-depthwise convs of the blocks plus the conv feeding the head.",
     )
     qkv: str = option(
-        "qv",
-        "Which of q, k, v get an update on fused qkv layers, each with its own A and B; "
-        "'fused': one A, B pair on the whole fused layer (Hugging Face PEFT's form).",
+        "fused",
+        "'fused': one A, B pair on the whole fused qkv layer (NOAH's VTAB baseline, Hugging Face "
+        "PEFT; q and v on separate projections); or which of q, k, v get their own A and B "
+        "('qv': the LoRA paper's form).",
     )
 
     def validate(self) -> None:
