@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.bench.profile import ProfileSpec, floor_step, flops_per_image, profile
+from vpeft.bench.profile import ProfileSpec, build, floor_step, flops_per_image, profile
 from vpeft.cli import main as cli
 
 from conftest import TINY_DIMS, tiny_model
@@ -146,3 +146,15 @@ def test_every_candidate_runs_right_after_its_reference():
     assert calls == ["floor", "a", "floor", "b"] * 4
     assert len(t.times["floor"]) == 6 and len(t.ratios["a"]) == len(t.ratios["b"]) == 3
     assert "floor" not in t.ratios and t.ratio("a") > 0
+
+
+def test_profile_builds_a_cnn_that_takes_no_img_size():
+    """A ConvNeXt has no img_size argument: the profiler builds it like ``vpeft train`` does."""
+    cnn = ProfileSpec(model="convnext_atto", img_size=32, batch_size=2, num_classes=5, warmup=1,
+                      repeats=1, memory=False, train=False,
+                      model_args={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)})
+    row = profile(cnn, [("bitfit", {})])["methods"][0]
+    assert row["trainable_params_no_head"] == sum(  # BitFit: every bias but the classifier's
+        p.numel() for n, p in build(cnn).named_parameters()
+        if n.endswith("bias") and not n.startswith("head.fc"))
+    assert row["latency_ratio_merged"] > 0

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
-from vpeft.backbones.factory import create_backbone
+from vpeft.engine.model import build_backbone
 
 
 @dataclass
@@ -56,14 +56,10 @@ class ProfileSpec:
 
 
 def build(spec: ProfileSpec, method: str | None = None, **options: Any) -> nn.Module:
-    model = create_backbone(
-        spec.model,
-        spec.weights,
-        spec.num_classes,
-        spec.img_size,
-        pretrained=spec.weights is not None,
-        **spec.model_args,
-    )
+    # the engine's builder: CNNs that take no img_size, hf:/open_clip: specs, clear errors
+    model = build_backbone(spec.model, spec.num_classes, spec.weights,
+                           pretrained=spec.weights is not None, img_size=spec.img_size,
+                           model_args=spec.model_args)
     if method is not None:
         vpeft.adapt(model, method, **options)
     return model.to(spec.resolved_device())
