@@ -136,6 +136,16 @@ def get_view(model: nn.Module) -> BackboneView:
     return generic_view(model)
 
 
+def staged_blocks(stages: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """``(path, block)`` of every ``blocks`` entry of every stage in ``stages`` (a hierarchical
+    model's ``model.<prefix>``), in forward order."""
+    return [
+        (f"{prefix}.{s}.blocks.{j}", block)
+        for s, stage in enumerate(stages)
+        for j, block in enumerate(stage.blocks)
+    ]
+
+
 def head_paths(model: nn.Module) -> list[str]:
     """Classifier modules, found through timm's ``get_classifier`` where the model has one."""
     getter = getattr(model, "get_classifier", None)

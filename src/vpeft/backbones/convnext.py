@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vpeft.backbones.base import BackboneView, head_paths, register_view
+from vpeft.backbones.base import BackboneView, head_paths, register_view, staged_blocks
 
 
 @register_view
@@ -14,11 +14,7 @@ def convnext_view(model: nn.Module) -> BackboneView | None:
 
     if not isinstance(model, ConvNeXt):
         return None
-    blocks = [
-        (f"stages.{s}.blocks.{j}", block)
-        for s, stage in enumerate(model.stages)
-        for j, block in enumerate(stage.blocks)
-    ]
+    blocks = staged_blocks(model.stages, "stages")
     dims = [block.conv_dw.out_channels for _, block in blocks]
     return BackboneView(
         family="convnext",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vpeft.backbones.base import BackboneView, head_paths, register_view
+from vpeft.backbones.base import BackboneView, head_paths, register_view, staged_blocks
 from vpeft.core.attention import route_qkv_bias
 
 
@@ -20,11 +20,7 @@ def _swin_classes() -> tuple[type, ...]:
 def swin_view(model: nn.Module) -> BackboneView | None:
     if not isinstance(model, _swin_classes()):
         return None
-    blocks = [
-        (f"layers.{s}.blocks.{j}", block)
-        for s, stage in enumerate(model.layers)
-        for j, block in enumerate(stage.blocks)
-    ]
+    blocks = staged_blocks(model.layers, "layers")
     dims = [block.norm1.normalized_shape[0] for _, block in blocks]
     return BackboneView(
         family="swin",
