@@ -91,6 +91,53 @@ class BackboneView:
         rel = [p for c, p in zip("qkv", self.qkv_separate) if c in which]
         return {f"{b}.{p}" for b in self.blocks for p in rel}
 
+    @property
+    def has_qkv(self) -> bool:
+        """Whether the blocks' attention has q/k/v projections (fused or separate)."""
+        return bool(self.qkv or self.qkv_separate)
+
+    def sublayers(self, asked: tuple[str, ...], default: tuple[str, ...],
+                  method: str = "") -> tuple[str, ...]:
+        """The block sub-layers (``'attn'``, ``'mlp'``) a method goes to.
+
+        A method's ``default`` shrinks to the sub-layers this family has (ConvNeXt blocks have an
+        MLP but no attention); an explicit choice must exist as asked. Raises
+        :class:`MissingPartError` when nothing is left.
+        """
+        self.require("blocks", method=method)
+        if tuple(asked) == tuple(default):
+            present = tuple(p for p in asked if getattr(self, p))
+            if present:
+                return present
+        self.require(*asked, method=method)
+        return tuple(asked)
+
+    def update_targets(self, types: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+                       method: str = "") -> list[str]:
+        """Where a weight-update method (LoRA and kin) goes by default on a family whose
+        attention has no q/k/v projections, in model order, among ``types``:
+
+        * the layers of every block's MLP (ConvNeXt's ``fc1``/``fc2``, Linear or 1 x 1 conv);
+        * else (a CNN) every convolution of the blocks but depthwise ones, whose kernels have a
+          single input channel, plus ``final_features`` (the conv whose output the head reads).
+
+        Raises :class:`MissingPartError` (part ``qkv``) when the family has none of them.
+        """
+        from vpeft.core.conv import is_depthwise  # core imports this module: import late
+
+        if self.mlp and self.blocks:
+            roots = [self.block_part(i, "mlp") for i in range(self.depth)]
+            paths = [f"{r}.{n}" for r in roots
+                     for n, m in self.model.get_submodule(r).named_modules()
+                     if isinstance(m, (nn.Linear, nn.Conv2d))]
+        else:
+            paths = [p for p in self.convs if not is_depthwise(self.model.get_submodule(p))]
+            paths += [self.final_features] if self.final_features else []
+        paths = [p for p in paths if isinstance(self.model.get_submodule(p), types)]
+        if not paths:
+            self.require("qkv", "mlp", method=method)
+        return paths
+
     @contextmanager
     def naming(self, method: str) -> Iterator[None]:
         """Re-raise a :class:`MissingPartError` from inside so that it names ``method`` and this

@@ -1,5 +1,9 @@
 """View of timm's ConvNeXt: stages of depthwise-conv + MLP blocks with layer scale on
-(B, C, H, W) maps; the MLP is Linear on channels-last or 1 x 1 convolutions (``conv_mlp``)."""
+(B, C, H, W) maps; the MLP is Linear on channels-last or 1 x 1 convolutions (``conv_mlp``).
+
+No attention: weight-update methods (LoRA, DoRA, KAdaptation, GLoRA ...) adapt the MLP's layers
+by default (:meth:`~vpeft.backbones.base.BackboneView.update_targets`), and methods placed at
+block sub-layers go to the MLP only (:meth:`~vpeft.backbones.base.BackboneView.sublayers`)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ def convnext_view(model: nn.Module) -> BackboneView | None:
         model=model,
         blocks=[p for p, _ in blocks],
         block_dims=dims,
+        # each stage's blocks run in sequence on one width (Conv-Adapter's "every stage")
+        stages=[f"stages.{s}.blocks" for s in range(len(model.stages))],
+        convs=[f"{p}.{n}" for p, b in blocks for n, m in b.named_modules()
+               if isinstance(m, nn.Conv2d)],
         mlp="mlp",
         norms=("norm",),
         heads=head_paths(model),

@@ -4,6 +4,11 @@ Runs through vpeft's API, engine and benchmarks so that vpeft's own ``lora`` is 
 the same model, data and schedule. PEFT adapts a fused ``qkv`` layer as one matrix (q, k and v
 together); it cannot restrict the update to q and v as vpeft's ``lora`` does. Needs ``peft``
 (``pip install peft``, part of the ``bench`` and ``dev`` extras).
+
+Targets follow vpeft's ``lora``: separate q and v projections where the attention has no fused
+layer; on families without attention projections the view's ``update_targets`` (ConvNeXt's MLP
+Linears; a CNN's block convs but depthwise ones, plus the conv feeding the head), which PEFT
+adapts with its own Conv2d LoRA layer (grouped convs left out: PEFT cannot merge those).
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
+from vpeft.core.inject import linear_targets
 from vpeft.core.method import Method
 from vpeft.core.surgery import replace_module
-from vpeft.core.targeting import find_modules
 from vpeft.registry import register
 
 
@@ -55,7 +60,13 @@ class HFLoRA(Method):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: HFLoRAConfig = self.config
-        paths = [p for p in find_modules(model, cfg.targets, nn.Linear) if not view.in_head(p)]
+        default = HFLoRAConfig.__dataclass_fields__["targets"].default
+        if cfg.targets == default and not view.has_qkv and view.blocks:
+            # ConvNeXt's MLP, a CNN's convs; PEFT cannot merge a LoRA of a grouped conv
+            paths = [p for p in view.update_targets(method=self.name)
+                     if getattr(model.get_submodule(p), "groups", 1) == 1]
+        else:  # "qkv" as the view knows it: PEFT's one matrix, or q and v where separate
+            paths = [p for p, _ in linear_targets(model, view, cfg.targets, "fused", self.name)]
         peft = _peft()
         lora_cfg = peft.LoraConfig(
             r=cfg.rank,

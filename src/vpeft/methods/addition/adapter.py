@@ -60,9 +60,12 @@ class BlockAdapterMethod(Method):
         return Bottleneck(dim, cfg.dim, cfg.act, cfg.dropout)
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
-        view.require("blocks", *self.positions(), method=self.name)
+        # the default positions shrink to the sub-layers the family has (ConvNeXt: the MLP)
+        field = self.config_cls.__dataclass_fields__.get("positions")
+        default = field.default if field is not None else self.positions()
+        positions = view.sublayers(self.positions(), default, self.name)
         for i in range(view.depth):
-            for pos in self.positions():
+            for pos in positions:
                 wrap(
                     model,
                     view.block_part(i, pos),

@@ -88,9 +88,10 @@ class DiffFit(Specification):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: DiffFitConfig = self.config
-        view.require("blocks", *cfg.positions, method=self.name)
+        default = DiffFitConfig.__dataclass_fields__["positions"].default
+        positions = view.sublayers(cfg.positions, default, self.name)  # ConvNeXt: MLP only
         mark_trainable(self.select(model, view))
         for i in range(view.depth):
             channels = view.block_dims[i] if cfg.per_channel else 1
-            for part in cfg.positions:
+            for part in positions:
                 wrap(model, view.block_part(i, part), lambda m, c=channels: BranchScale(m, c))

@@ -15,6 +15,16 @@ on the rank-r features. Every adapted Linear merges by adding its ``dW`` slices 
 Rank and scale are searched per task in the paper; our defaults are the official VTAB configs' most
 common values (TT: r = 8, s = 1; TK: r = 32, s = 10). Averaged over those configs' per-task ranks
 the ViT-B/16 counts are 39,734 (TT) and 68,985 (TK), the paper's 0.040M and 0.069M.
+
+Beyond the plain ViT (our generalisation; the official code covers ViT only):
+
+* a hierarchical model (Swin) has one width per stage, so the weights of the blocks of each
+  width form their own ``S_w x w x w`` tensor with its own ``U``, ``V`` (and ``C``);
+* a weight whose sizes are not multiples of the width (EVA's SwiGLU MLP, ratio 8/3) takes
+  ``ceil(out / w) x ceil(in / w)`` slices: its last slices are zero-padded in the tensor and
+  the increment is cropped to the weight (exact to merge, as every other slice);
+* only Linears that read or write the block's tokens are slices (SwinV2's relative-position
+  MLP is not); a family without attention (ConvNeXt) contributes its MLP weights.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.backbones.base import BackboneView, MissingPartError
+from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, lowrank_, narrow_linear, share
 from vpeft.core.surgery import wrap
@@ -68,10 +78,7 @@ class FacTLinear(LinearUpdate):
     def __init__(self, base: nn.Linear, dim: int, rank: int, scale: float, dropout: float,
                  tucker: bool, code_bound: float) -> None:
         super().__init__(base)
-        if base.out_features % dim or base.in_features % dim:
-            raise MissingPartError(f"fact needs Linear sizes that are multiples of the width "
-                                   f"{dim}, got {base.in_features} -> {base.out_features}")
-        n_out, n_in = base.out_features // dim, base.in_features // dim
+        n_out, n_in = slices(base.out_features, dim), slices(base.in_features, dim)
         self.dim, self.scale = dim, scale
         ref = base.weight
         if tucker:  # a code p_k per slice, rows of the paper's P (Xavier over P's full shape)
@@ -96,46 +103,59 @@ class FacTLinear(LinearUpdate):
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f = self.factors
+        pad = self.codes.shape[1] * self.dim - x.shape[-1]  # a last, partial slice: zeros
+        x = F.pad(x, (0, pad)) if pad else x
         u = F.linear(x.unflatten(-1, (-1, self.dim)), f.u)  # (..., n_in, r)
         z = self.dropout(torch.einsum("...ir,oiqr->...oq", u, self.cores()))  # (..., n_out, r)
         # y is the Linear's output, not saved for its backward: add in place
-        return y.add_(narrow_linear(z, f.v).flatten(-2), alpha=self.scale)
+        delta = narrow_linear(z, f.v).flatten(-2)[..., : y.shape[-1]]
+        return y.add_(delta, alpha=self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors
-        delta = torch.einsum("dq,oiqr,re->odie", f.v, self.cores(), f.u)
-        return self.scale * delta.reshape(self.base.out_features, self.base.in_features)
+        delta = torch.einsum("dq,oiqr,re->odie", f.v, self.cores(), f.u).flatten(2).flatten(0, 1)
+        out, inp = self.base.out_features, self.base.in_features
+        return self.scale * delta[:out, :inp]  # the slices' grid, cropped to the weight
 
 
 class FacT(Reparameterization):
-    """Shared apply of FacT-TT and FacT-TK: every D x D slice of every block, one set of factors."""
+    """Shared apply of FacT-TT and FacT-TK: every w x w slice of every block, one set of factors
+    per block width w."""
 
     tucker = False
 
-    def targets(self, model: nn.Module, view: BackboneView) -> list[str]:
-        """qkv and the attention's output Linear, fc1 and fc2, in every block."""
-        view.require("blocks", "attn", "embed_dim", method=self.name)
-        paths = []
-        for i in range(view.depth):
-            parts = [view.block_part(i, "attn")] + ([view.block_part(i, "mlp")] if
-                                                    self.config.mlp else [])
-            for root in parts:
-                paths += [f"{root}.{n}" for n, m in model.get_submodule(root).named_modules()
-                          if isinstance(m, nn.Linear)]
-        return paths
+    def targets(self, model: nn.Module, view: BackboneView) -> dict[int, list[str]]:
+        """Block width -> the Linears of the attention and (``mlp``) the MLP of the blocks of
+        that width that read or write the block's tokens (q, k, v or qkv, the output
+        projection, fc1, fc2; not SwinV2's relative-position MLP)."""
+        parts = [p for p in ("attn", "mlp") if getattr(view, p) and (p == "attn" or
+                                                                    self.config.mlp)]
+        if not parts:  # ConvNeXt without its MLP, or a CNN: no weights to tensorize
+            view.require("blocks", "attn", method=self.name)
+        groups: dict[int, list[str]] = {}
+        for i, width in enumerate(view.block_dims):
+            for root in (view.block_part(i, p) for p in parts):
+                groups.setdefault(width, []).extend(
+                    f"{root}.{n}" for n, m in model.get_submodule(root).named_modules()
+                    if isinstance(m, nn.Linear) and width in (m.in_features, m.out_features))
+        return groups
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: FacTConfig = self.config
-        paths = self.targets(model, view)
-        dim = view.embed_dim
-        linears = [model.get_submodule(p) for p in paths]
-        slices = sum((m.out_features // dim) * (m.in_features // dim) for m in linears)
-        code_bound = math.sqrt(6.0 / (cfg.rank + slices))  # Xavier bound of P (r x S)
-        ref = linears[0].weight
-        factors = FacTFactors(dim, cfg.rank, self.tucker, ref)
-        wrapped = [wrap(model, p, lambda m: FacTLinear(m, dim, cfg.rank, cfg.scale, cfg.dropout,
-                                                       self.tucker, code_bound)) for p in paths]
-        share(wrapped, "factors", factors)
+        for dim, paths in self.targets(model, view).items():
+            linears = [model.get_submodule(p) for p in paths]
+            n = sum(slices(m.out_features, dim) * slices(m.in_features, dim) for m in linears)
+            code_bound = math.sqrt(6.0 / (cfg.rank + n))  # Xavier bound of P (r x S)
+            factors = FacTFactors(dim, cfg.rank, self.tucker, linears[0].weight)
+            wrapped = [wrap(model, p, lambda m, d=dim, b=code_bound: FacTLinear(
+                m, d, cfg.rank, cfg.scale, cfg.dropout, self.tucker, b)) for p in paths]
+            share(wrapped, "factors", factors)
+
+
+def slices(size: int, dim: int) -> int:
+    """How many ``dim``-wide slices cover ``size`` (the last one partial where it does not
+    divide: the tensor's slice is zero-padded and the increment cropped to the weight)."""
+    return -(-size // dim)
 
 
 @dataclass

@@ -39,9 +39,8 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, lowrank_, output_parts, share
+from vpeft.core.inject import LinearUpdate, linear_targets, lowrank_, output_parts, share
 from vpeft.core.surgery import wrap
-from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
 
@@ -145,26 +144,37 @@ class KAdaptation(Reparameterization):
     name = "kadaptation"
     config_cls = KAdaptationConfig
 
-    def part_scales(self, model: nn.Module, path: str, fused: bool) -> list[float]:
-        """Multiplier of each part's update: ``sqrt(head_dim)`` on a fused layer's q rows when
-        ``q_after_scale`` (the attention's ``scale`` then cancels), else 1."""
-        kinds = [c for c in "qkv" if c in self.config.qkv] if fused else [""]
+    def part_scales(self, model: nn.Module, path: str, kinds: list[str]) -> list[float]:
+        """Multiplier of each part's update: ``sqrt(head_dim)`` on q (rows of a fused layer, or
+        a separate q projection) when ``q_after_scale`` (the attention's ``scale`` then
+        cancels), else 1."""
         qscale = getattr(model.get_submodule(path.rpartition(".")[0]), "scale", None)
-        if not (fused and self.config.q_after_scale and qscale):
+        if not (self.config.q_after_scale and isinstance(qscale, float) and qscale):
             return [1.0] * len(kinds)
-        return [1.0 / float(qscale) if c == "q" else 1.0 for c in kinds]
+        return [1.0 / qscale if c == "q" else 1.0 for c in kinds]
+
+    def targets(self, model: nn.Module, view: BackboneView) -> list[str]:
+        """The Linear layers to adapt: ``qkv`` as the view knows it (fused, or the separate
+        projections named by ``qkv``); by default on a family without attention projections
+        the view's ``update_targets`` (ConvNeXt's MLP Linears)."""
+        cfg: KAdaptationConfig = self.config
+        default = KAdaptationConfig.__dataclass_fields__["targets"].default
+        if cfg.targets == default and not view.has_qkv and view.blocks:
+            return view.update_targets((nn.Linear,), method=self.name)
+        return [p for p, _ in linear_targets(model, view, cfg.targets, cfg.qkv, self.name)]
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: KAdaptationConfig = self.config
         fused = view.fused_qkv_paths()
+        separate = {p: c for c in "qkv" for p in view.separate_qkv_paths(c)}
         plan = []  # (path, parts, slow keys, scales): one slow set per kind of weight
-        for path in find_modules(model, cfg.targets, nn.Linear):
-            if view.in_head(path):
-                continue
+        for path in self.targets(model, view):
             leaf = path.rpartition(".")[2]
             parts = output_parts(model.get_submodule(path).out_features, cfg.qkv, path in fused)
-            keys = [f"{leaf}_{c}" for c in "qkv" if c in cfg.qkv] if path in fused else [leaf]
-            plan.append((path, parts, keys, self.part_scales(model, path, path in fused)))
+            kinds = [c for c in "qkv" if c in cfg.qkv] if path in fused else [separate.get(path,
+                                                                                     "")]
+            keys = [f"{leaf}_{c}" for c in kinds] if path in fused else [leaf]
+            plan.append((path, parts, keys, self.part_scales(model, path, kinds)))
         if not plan:
             return
         ref = model.get_submodule(plan[0][0]).weight

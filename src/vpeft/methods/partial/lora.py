@@ -11,10 +11,11 @@ plain ``nn.Linear``.
 
 On convolutions (targets that select ``nn.Conv2d`` layers) the update is a low-rank conv pair:
 a k x k conv to r channels, then a 1 x 1 conv (:class:`~vpeft.core.conv.LowRankConv`), merged
-exactly into the kernel. On a backbone without attention (a CNN view) the default targets are
-every non-depthwise conv inside the blocks plus the view's ``final_features`` conv, the layer
-whose output the head reads (EfficientNet's ``conv_head``); depthwise convs are refused when
-targeted, as their kernels have one input channel.
+exactly into the kernel. On a backbone without attention the default targets are the view's
+``update_targets``: the MLP's ``fc1``/``fc2`` on ConvNeXt; on a CNN every non-depthwise conv
+inside the blocks plus the view's ``final_features`` conv, the layer whose output the head reads
+(EfficientNet's ``conv_head``). Depthwise convs are refused when targeted, as their kernels have
+one input channel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.conv import LowRankConv, is_depthwise
+from vpeft.core.conv import LowRankConv
 from vpeft.core.inject import (
     LinearUpdate,
     add_to_slices,
@@ -223,18 +224,18 @@ def lora_targets(model: nn.Module, view: BackboneView, cfg: LoRAConfig,
     """``(path, output rows)`` of the layers to adapt; rows are ``None`` for a Conv2d.
 
     Linear layers come from :func:`~vpeft.core.inject.linear_targets` (``qkv`` as the view knows
-    it). On a backbone without a token sequence (a CNN, ConvNeXt) the patterns also select Conv2d
-    layers, and the default targets mean its block convs (not depthwise) and ``final_features``.
+    it). On a family whose attention has no q/k/v projections the default targets mean the
+    view's :meth:`~vpeft.backbones.base.BackboneView.update_targets`: the MLP layers (ConvNeXt),
+    or the block convs (not depthwise) and ``final_features`` (a CNN). On a backbone without a
+    token sequence (a CNN, ConvNeXt) explicit patterns also select Conv2d layers.
     """
     default = LoRAConfig.__dataclass_fields__["targets"].default
-    if cfg.targets == default and view.qkv is None and not view.qkv_separate and view.convs:
-        convs = [p for p in view.convs if not is_depthwise(model.get_submodule(p))]
-        return [(p, None) for p in convs + ([view.final_features] if view.final_features else [])]
-    if view.sequence_tokens or not view.convs:
+    if cfg.targets == default and not view.has_qkv and view.blocks:
+        found = view.update_targets(method=method)
+    elif view.sequence_tokens or not view.convs:
         return linear_targets(model, view, cfg.targets, cfg.qkv, method)
-    found = find_modules(model, cfg.targets, (nn.Linear, nn.Conv2d))
-    return [
-        (p, None) if isinstance(model.get_submodule(p), nn.Conv2d)
-        else (p, [(0, model.get_submodule(p).out_features)])
-        for p in found if not view.in_head(p)
-    ]
+    else:
+        found = [p for p in find_modules(model, cfg.targets, (nn.Linear, nn.Conv2d))
+                 if not view.in_head(p)]
+    layers = [(p, model.get_submodule(p)) for p in found]
+    return [(p, None if isinstance(m, nn.Conv2d) else [(0, m.out_features)]) for p, m in layers]

@@ -133,8 +133,9 @@ class RepAdapter(Reparameterization):
 
     def apply(self, model: nn.Module, view: BackboneView) -> None:
         cfg: RepAdapterConfig = self.config
-        view.require("blocks", *cfg.positions, method=self.name)
+        default = RepAdapterConfig.__dataclass_fields__["positions"].default
+        positions = view.sublayers(cfg.positions, default, self.name)  # ConvNeXt: MLP only
         for i in range(view.depth):
-            for part in cfg.positions:
+            for part in positions:
                 wrap(model, input_linear(model, view, i, part),
                      lambda m: RepAdaptedLinear(m, cfg.dim, cfg.groups, cfg.scale, cfg.dropout))

@@ -99,7 +99,11 @@ class GLoRAConfig(MethodConfig):
 
 def target_paths(model: nn.Module, view: BackboneView, targets: tuple[str, ...]) -> list[str]:
     """The Linear layers GLoRA adapts, in model order (the classifier heads left out; ``qkv``
-    is the attention's projections, fused or separate, as the view knows them)."""
+    is the attention's projections, fused or separate, as the view knows them). The default
+    targets on a family without attention (ConvNeXt) mean every Linear of its MLPs."""
+    default = GLoRAConfig.__dataclass_fields__["targets"].default
+    if tuple(targets) == default and not view.has_qkv and view.blocks:
+        return view.update_targets((nn.Linear,), method="glora")
     return [p for p, _ in linear_targets(model, view, targets, "qkv", "glora")]
 
 
