@@ -29,6 +29,7 @@ from torch import nn
 
 VIT = ("vit", "deit-distilled", "vit-avgpool-reg")  # the default kinds of a row
 VIT_NOBIAS = ("vit-nobias",)  # attention without q/k/v biases
+VIT_LS_PRENORM = ("vit-ls-prenorm",)  # layer scale, pre-norm (its rows: each method's first)
 EVA = ("eva", "eva-separate")
 SWIN = ("swin", "swinv2")
 CONVNEXT = ("convnext",)
@@ -50,6 +51,9 @@ class Dims:
     ln_final: int = 1  # LayerNorms after the blocks (norm or fc_norm) with weights
     family: str = "vit"  # the view's family
     qkv_bias: bool = True  # the attention's q/k/v projections have biases
+    qkv_fused: bool = True  # one qkv Linear (False: separate q, k, v projections)
+    layer_scale: bool = False  # ViT blocks scale both branches by learned gammas (DeiT-III)
+    norm_pre: bool = False  # a LayerNorm before the blocks and a patch conv without bias (CLIP)
     widths: tuple[int, ...] = ()  # per block: token width
     hiddens: tuple[int, ...] = ()  # per block: MLP hidden width
     model: nn.Module | None = field(default=None, compare=False, repr=False)  # tiny base

@@ -9,12 +9,19 @@ tiny CNNs and imports the counts from here.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import vpeft
 from vpeft.core.conv import is_depthwise
 
 from rows import Row
+from rows.layers import (
+    backbone_count,
+    bias_count,
+    norm_affine_count,
+    on_model,
+    partial_k_count,
+    ssf_count,
+)
 
 try:
     from conftest import TINY
@@ -28,34 +35,21 @@ def _view(m: nn.Module):
     return vpeft.get_view(m)
 
 
-def backbone_count(m: nn.Module) -> int:
-    return sum(p.numel() for n, p in m.named_parameters() if not _view(m).in_head(n))
-
-
-def bias_count(m: nn.Module) -> int:
-    return sum(p.numel() for n, p in m.named_parameters()
-               if n.endswith("bias") and not _view(m).in_head(n))
-
-
-def bn_affine_count(m: nn.Module) -> int:
-    """Weight and bias of every BatchNorm outside the head (ln-tune; SSF's scale and shift)."""
-    view = _view(m)
-    return sum(2 * b.num_features for n, b in m.named_modules()
-               if isinstance(b, _BatchNorm) and not view.in_head(n))
-
-
 def lora_conv_count(conv: nn.Conv2d, r: int) -> int:
     """A: ``r`` kernels of shape ``(in/g, kh, kw)`` per group; B: ``out x r``."""
     kh, kw = conv.kernel_size
     return conv.groups * r * (conv.in_channels // conv.groups) * kh * kw + conv.out_channels * r
 
 
-def lora_default_count(m: nn.Module, r: int = 8, dora: bool = False) -> int:
-    """LoRA's CNN default: block convs but depthwise ones, plus the conv feeding the head."""
+def lora_default_count(m: nn.Module, r: int = 8, dora: bool = False,
+                       grouped: bool = True) -> int:
+    """LoRA's CNN default: block convs but depthwise ones, plus the conv feeding the head
+    (``grouped=False``: also without grouped convs, as Hugging Face PEFT cannot merge those)."""
     view = _view(m)
     layers = [c for c in map(m.get_submodule, view.convs) if not is_depthwise(c)]
     if view.final_features:
         layers.append(m.get_submodule(view.final_features))
+    layers = [c for c in layers if grouped or c.groups == 1]
     return sum(lora_conv_count(c, r) + (c.out_channels if dora else 0) for c in layers)
 
 
@@ -73,24 +67,31 @@ def conv_adapter_count(m: nn.Module, reduction: int = 4, k: int = 3, every: str 
     return total
 
 
-def _on_model(count):
-    return lambda d: count(d.model)
-
+CONVNEXT = ("convnext",)  # ConvNeXt's stages take Conv-Adapter as a CNN's do
 
 ROWS = [
-    Row(m, _on_model(c), o, backbones=CNN_KINDS) for m, o, c in [
+    Row(m, on_model(c), o, backbones=CNN_KINDS) for m, o, c in [
         ("full", {}, backbone_count),
         ("linear", {}, lambda m: 0),
         ("bitfit", {}, bias_count),
-        ("ln-tune", {}, bn_affine_count),
-        ("ssf", {}, bn_affine_count),
-        ("ssf", {"init_std": 0.0}, bn_affine_count),
+        ("ln-tune", {}, norm_affine_count),  # BatchNorm weight and bias
+        ("ssf", {}, ssf_count),  # inside every BatchNorm (the convs have no bias)
+        ("ssf", {"init_std": 0.0}, ssf_count),
         ("lora", {}, lora_default_count),
         ("lora", {"rank": 2}, lambda m: lora_default_count(m, 2)),
         ("dora", {}, lambda m: lora_default_count(m, dora=True)),
+        ("partial-k", {}, partial_k_count),
     ]
 ] + [
-    Row("conv-adapter", _on_model(conv_adapter_count), backbones=CNN_KINDS),
-    Row("conv-adapter", _on_model(lambda m: conv_adapter_count(m, 2, every="stage")),
-        {"every": "stage", "reduction": 2}, backbones=CNN_KINDS),
+    Row("conv-adapter", on_model(conv_adapter_count), backbones=CNN_KINDS + CONVNEXT),
+    Row("conv-adapter", on_model(lambda m: conv_adapter_count(m, 2, every="stage")),
+        {"every": "stage", "reduction": 2}, backbones=CNN_KINDS + CONVNEXT),
 ]
+
+try:
+    import peft  # noqa: F401
+
+    ROWS.append(Row("hf-lora", on_model(lambda m: lora_default_count(m, grouped=False)),
+                    backbones=CNN_KINDS))
+except ImportError:  # the peer baseline is optional
+    pass

@@ -4,29 +4,43 @@ from rows import Dims, Row
 
 
 def _patch_embed(d: Dims) -> int:
-    return d.D * d.C * d.patch * d.patch + d.D
+    return d.D * d.C * d.patch * d.patch + (0 if d.norm_pre else d.D)  # no bias before norm_pre
+
+
+def vit_block(d: Dims) -> int:
+    """All parameters of one ViT block: qkv, proj, fc1, fc2 (weights and biases), two norms
+    and, with layer scale, the two gammas."""
+    qkv = 3 * d.D * d.D + (3 * d.D if d.qkv_bias else 0)
+    ls = 2 * d.D if d.layer_scale else 0
+    return qkv + (d.D * d.D + d.D) + 2 * d.D * d.H + d.H + d.D + 4 * d.D + ls
 
 
 def _backbone(d: Dims) -> int:
     """All backbone parameters of a timm ViT (no head)."""
-    block = (3 * d.D * d.D + 3 * d.D) + (d.D * d.D + d.D) + 2 * d.D * d.H + d.H + d.D + 4 * d.D
     tokens = d.prefix * d.D + (d.patches + d.prefix) * d.D  # prefix tokens + pos_embed
-    return _patch_embed(d) + tokens + d.L * block + 2 * d.D * d.ln_final
+    return _patch_embed(d) + tokens + d.L * vit_block(d) + 2 * d.D * (d.ln_final + d.norm_pre)
+
+
+def _block_biases(d: Dims) -> int:
+    # per block: qkv (where it has one), proj, fc1, fc2, norm1, norm2
+    return (3 * d.D if d.qkv_bias else 0) + d.D + d.H + d.D + 2 * d.D
 
 
 def _biases(d: Dims) -> int:
-    # per block: qkv, proj, fc1, fc2, norm1, norm2; plus patch embedding and final norm
-    return d.L * (3 * d.D + d.D + d.H + d.D + 2 * d.D) + d.D + d.D * d.ln_final
+    # blocks, patch embedding (without norm_pre), norm_pre, final norm
+    return d.L * _block_biases(d) + d.D * (1 - d.norm_pre) + d.D * (d.ln_final + d.norm_pre)
 
 
-def _norms(d: Dims) -> int:
-    """Weights and biases of norm1/norm2 per block and the final norm (or fc_norm)."""
-    return d.L * 4 * d.D + 2 * d.D * d.ln_final
+def vit_norms(d: Dims) -> int:
+    """Weights and biases of norm1/norm2 per block, norm_pre and the final norm (or fc_norm)."""
+    return d.L * 4 * d.D + 2 * d.D * (d.ln_final + d.norm_pre)
 
 
 def _ssf(d: Dims) -> int:
-    # 2 x channels after: patch conv, qkv, proj, fc1, fc2, norm1, norm2 (per block), final norm
-    return 2 * (d.D + d.L * (3 * d.D + d.D + d.H + d.D + 2 * d.D) + d.D * d.ln_final)
+    # 2 x channels after: patch conv (if it has a bias), qkv, proj, fc1, fc2, norm1, norm2 (per
+    # block), norm_pre, final norm
+    per_block = 3 * d.D + d.D + d.H + d.D + 2 * d.D
+    return 2 * (d.D * (1 - d.norm_pre) + d.L * per_block + d.D * (d.ln_final + d.norm_pre))
 
 
 ROWS = [
@@ -44,7 +58,7 @@ ROWS = [
     Row("ssf", _ssf),
     Row("ssf", _ssf, {"init_std": 0.0}, zero_init=True),
     # Houlsby's default trains the norms too: 4 D per block (norm1, norm2) and the final norm
-    Row("adapter", lambda d: d.L * 2 * (2 * d.D * 8 + 8 + d.D) + _norms(d)),
+    Row("adapter", lambda d: d.L * 2 * (2 * d.D * 8 + 8 + d.D) + vit_norms(d)),
     Row("adapter", lambda d: d.L * (2 * d.D * 4 + 4 + d.D),
         {"dim": 4, "positions": ("mlp",), "train_norms": False}),
     Row("adaptformer", lambda d: d.L * (2 * d.D * 8 + 8 + d.D)),

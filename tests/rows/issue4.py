@@ -1,16 +1,7 @@
 """Rows for issue 4: Convpass, RepAdapter, LN-Tune, Partial-k, DiffFit, DoRA, FacT, KAdaptation."""
 
 from rows import Dims, Row
-
-
-def _block(d: Dims) -> int:
-    """All parameters of one ViT block: qkv, proj, fc1, fc2 (weights and biases), two norms."""
-    return (3 * d.D * d.D + 3 * d.D) + (d.D * d.D + d.D) + 2 * d.D * d.H + d.H + d.D + 4 * d.D
-
-
-def _norms(d: Dims) -> int:
-    """Weights and biases of norm1/norm2 per block and the final norm (or fc_norm)."""
-    return d.L * 4 * d.D + 2 * d.D * d.ln_final
+from rows.foundation import _biases, vit_block, vit_norms
 
 
 def _convpass(d: Dims, c: int = 8, positions: int = 2) -> int:
@@ -24,10 +15,9 @@ def _repadapter(d: Dims, h: int = 8, g: int = 2, positions: int = 2) -> int:
 
 
 def _difffit(d: Dims, per_channel: bool = True) -> int:
-    biases = d.L * (3 * d.D + d.D + d.H + d.D + 2 * d.D) + d.D + d.D * d.ln_final
-    ln_weights = d.L * 2 * d.D + d.D * d.ln_final
+    ln_weights = d.L * 2 * d.D + d.D * (d.ln_final + d.norm_pre)
     gammas = d.L * 2 * (d.D if per_channel else 1)
-    return biases + ln_weights + gammas
+    return _biases(d) + ln_weights + gammas
 
 
 def _slices(d: Dims) -> int:
@@ -56,9 +46,9 @@ ROWS = [
     Row("repadapter", _repadapter),
     Row("repadapter", lambda d: _repadapter(d, h=4, g=4, positions=1),
         {"dim": 4, "groups": 4, "positions": ("attn",), "scale": 10.0}),
-    Row("ln-tune", _norms),
-    Row("partial-k", lambda d: _block(d) + 2 * d.D * d.ln_final),
-    Row("partial-k", lambda d: 2 * _block(d), {"k": 2, "tail": False}),
+    Row("ln-tune", vit_norms),
+    Row("partial-k", lambda d: vit_block(d) + 2 * d.D * d.ln_final),
+    Row("partial-k", lambda d: 2 * vit_block(d), {"k": 2, "tail": False}),
     Row("difffit", _difffit),
     Row("difffit", lambda d: _difffit(d, per_channel=False), {"per_channel": False}),
     Row("dora", lambda d: d.L * (2 * (8 * d.D + d.D * 8) + 2 * d.D)),
