@@ -69,6 +69,67 @@ TINY = {
 }
 
 
+def _hf(model_cls: str, config_cls: str, **config):
+    """A builder of a tiny random-init ``transformers`` model as vpeft's HF classifier."""
+    def build(num_classes: int) -> torch.nn.Module:
+        import transformers as tf
+
+        from vpeft.backbones.hf import HFImageClassifier
+
+        model = getattr(tf, model_cls)(getattr(tf, config_cls)(**config))
+        return HFImageClassifier(model, num_classes=num_classes)
+    return build
+
+
+OPEN_CLIP_ARCH = "vpeft-tiny-vit"  # registered with open_clip's own model-config mechanism
+OPEN_CLIP_CFG = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": IMG, "layers": 2, "width": 32, "patch_size": 8,
+                                "head_width": 16},
+                 "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2,
+                              "layers": 1}}
+
+
+def register_open_clip_arch() -> None:
+    import json
+    import tempfile
+
+    import open_clip
+
+    if OPEN_CLIP_ARCH not in open_clip.list_models():
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{OPEN_CLIP_ARCH}.json"
+            path.write_text(json.dumps(OPEN_CLIP_CFG))
+            open_clip.add_model_config(path)
+
+
+def _open_clip(num_classes: int) -> torch.nn.Module:
+    from vpeft.backbones.factory import create_backbone
+
+    register_open_clip_arch()
+    return create_backbone(f"open_clip:{OPEN_CLIP_ARCH}", num_classes=num_classes,
+                           pretrained=False)
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+_HF_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 64, "image_size": IMG, "patch_size": 8}
+if _installed("transformers"):  # Hugging Face models: separate q/k/v projections
+    TINY |= {
+        "hf-vit": (_hf("ViTModel", "ViTConfig", **_HF_VIT), {}),
+        "hf-dinov2": (_hf("Dinov2Model", "Dinov2Config", **_HF_VIT), {}),
+        "hf-clip": (_hf("CLIPVisionModel", "CLIPVisionConfig", **_HF_VIT), {}),
+        "hf-swin": (_hf("SwinModel", "SwinConfig", image_size=IMG, patch_size=4, embed_dim=16,
+                        depths=[1, 1], num_heads=[2, 2], window_size=4), {}),
+    }
+if _installed("open_clip"):  # an open_clip image tower: nn.MultiheadAttention
+    TINY["open-clip"] = (_open_clip, {})
+
+
 def _open_post_norms(model: torch.nn.Module) -> None:
     # SwinV2 starts its residual post-norms at zero, so no attention or MLP branch would reach
     # the output of a random-init model and no method inside them could get a gradient

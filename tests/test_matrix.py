@@ -25,13 +25,19 @@ def _out_width(layer: torch.nn.Module) -> int:
     return getattr(layer, "out_features", None) or layer.out_channels
 
 
+def _first_layer(mlp: torch.nn.Module) -> torch.nn.Module:
+    """The MLP's first Linear or conv (fc1, open_clip's c_fc): its width is the hidden one."""
+    return next(m for m in mlp.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+
+
 @functools.cache
 def dims(kind: str) -> Dims:
     """The closed-form formulas' dimensions of tiny ``kind``, read from its view."""
     model = tiny_model(kind)
     view = vpeft.get_view(model)
     blocks = [model.get_submodule(b) for b in view.blocks]
-    hiddens = tuple(_out_width(b.get_submodule(view.mlp).fc1) if view.mlp else 0 for b in blocks)
+    hiddens = tuple(_out_width(_first_layer(b.get_submodule(view.mlp))) if view.mlp else 0
+                    for b in blocks)
     attn = blocks[0].get_submodule(view.attn) if view.attn and blocks else None
     patch_embed = getattr(model, "patch_embed", None)
     return Dims(

@@ -118,8 +118,17 @@ def _visual_prompt(d: Dims) -> int:  # pixels: the same on every family
     return next(r for r in ISSUE5_ROWS if r.method == "visual-prompt").count(d)
 
 
+try:
+    from conftest import TINY
+except ImportError:  # imported outside the test session
+    TINY = {}
+
+# Hugging Face transformers models and an open_clip tower, where their packages are installed
+HF = tuple(k for k in ("hf-vit", "hf-dinov2", "hf-clip", "hf-swin") if k in TINY)
+OPEN_CLIP = tuple(k for k in ("open-clip",) if k in TINY)
 ATTENTION = EVA + SWIN
 NOT_VIT = ATTENTION + CONVNEXT
+TOWERS = HF + OPEN_CLIP
 # methods whose ViT formula holds on EVA as written (D is EVA's width, tokens as on a ViT)
 _AS_ON_VIT = {"adaptformer", "convpass", "vpt-shallow", "vpt-deep", "lst", "side-tune", "noah"}
 
@@ -134,6 +143,25 @@ ROWS = [
     replace(r, backbones=("eva",) if r.method == "noah" else EVA)
     for r in _FIRST if r.method in _AS_ON_VIT - {"adaptformer"}
 ] + [
+    Row(r.method, r.count, r.options, r.zero_init, TOWERS)
+    for r in [
+        Row("linear", lambda d: 0),
+        Row("full", on_model(backbone_count)),
+        Row("bitfit", on_model(bias_count)),
+        Row("ln-tune", on_model(norm_affine_count)),
+        Row("ssf", on_model(ssf_count)),
+        Row("difffit", lambda d: difffit_count(d.model, 2)),
+        Row("partial-k", on_model(partial_k_count)),
+        Row("visual-prompt", _visual_prompt),
+        Row("lora", _lora(8)),
+        Row("dora", _lora(8, dora=True)),
+        Row("kadaptation", _kadaptation(4), {"n": 4}),
+        Row("fact-tt", _fact(8, tucker=False)),
+        Row("adapter", _adapter),
+        Row("adaptformer", _per_block(lambda w, h: 2 * w * 8 + 8 + w)),
+    ]
+] + [
+    Row("repadapter", _repadapter, backbones=OPEN_CLIP),  # a fused qkv (HF: separate)
     Row("linear", lambda d: 0, backbones=NOT_VIT),
     Row("full", on_model(backbone_count), backbones=NOT_VIT),
     Row("bitfit", on_model(bias_count), backbones=NOT_VIT),
@@ -159,6 +187,7 @@ ROWS = [
 try:
     import peft  # noqa: F401
 
-    ROWS.append(Row("hf-lora", _lora(8), backbones=NOT_VIT))
+    # on open_clip PEFT's merge leaves the view's unpacked attention: not the plain tower
+    ROWS.append(Row("hf-lora", _lora(8), backbones=NOT_VIT + HF))
 except ImportError:  # the peer baseline is optional
     pass

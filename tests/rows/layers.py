@@ -52,6 +52,8 @@ def ssf_count(m: nn.Module) -> int:
             continue
         if isinstance(x, nn.Linear):
             total += 2 * x.out_features
+        elif isinstance(x, nn.MultiheadAttention):  # its packed q/k/v projection, unpacked
+            total += 2 * 3 * x.embed_dim  # into a Linear by the view (open_clip)
         elif isinstance(x, nn.Conv2d) and x.bias is not None:
             total += 2 * x.out_channels
         elif isinstance(x, nn.LayerNorm):

@@ -71,8 +71,12 @@ class Bypass(Wrapper):
         else:
             self.scale = scale
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        y = self.base(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))  # HF CLIP passes hidden_states=
+        if isinstance(y, tuple):  # an attention returning (output, weights ...): HF, open_clip
+            out = y[0]
+            return (out + self.scale * self.branch(x if self.parallel else out), *y[1:])
         return y + self.scale * self.branch(x if self.parallel else y)
 
 

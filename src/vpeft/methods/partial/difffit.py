@@ -43,12 +43,17 @@ class BranchScale(Wrapper):
         super().__init__(base)
         self.gamma = nn.Parameter(next(base.parameters()).new_ones(channels))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.gamma * self.base(x, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        y = self.base(*args, **kwargs)  # HF CLIP passes hidden_states= by keyword
+        if isinstance(y, tuple):  # an attention returning (output, weights ...): HF, open_clip
+            return (self.gamma * y[0], *y[1:])
+        return self.gamma * y
 
     def _output_linear(self) -> nn.Linear:
         """The branch's last Linear: in timm's Attention / Mlp only dropout follows it."""
         linears = [m for m in self.base.modules() if isinstance(m, nn.Linear)]
+        if self.gamma.numel() > 1:  # not an input projection (open_clip's packed qkv)
+            linears = [m for m in linears if m.out_features == self.gamma.numel()]
         if not linears:
             raise NotMergeableError(f"difffit cannot fold gamma into {type(self.base).__name__}: "
                                     "it has no Linear layer")
