@@ -79,8 +79,8 @@ class LoRAConfig(MethodConfig):
 
 def _blocks(lora_b: torch.Tensor, parts: list[tuple[int, int]], rank: int,
             out: int) -> torch.Tensor:
-    """The parts' ``B_i`` placed in one ``(out, P*r)`` matrix (rows of part ``i``, columns ``i``),
-    so that ``blocks @ A`` is the whole weight update and ``g @ blocks`` every part's ``g_i B_i``."""
+    """The parts' ``B_i`` in one ``(out, P*r)`` matrix (rows of part ``i``, columns ``i``), so
+    that ``blocks @ A`` is the whole weight update and ``g @ blocks`` every part's ``g_i B_i``."""
     blocks = lora_b.new_zeros(out, rank * len(parts))
     row = 0
     for i, (s, e) in enumerate(parts):
