@@ -184,3 +184,29 @@ def test_dora_on_the_fused_lora_output_matches_its_generic_path(detach_norm):
     assert len(fused) == 5  # output, A, B, magnitude, x
     for a, b in zip(fused, generic, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("parts_of", ["all", "qv"])
+def test_fused_lora_on_channels_last_maps_matches_plain_autograd(parts_of):
+    """ConvNeXt's MLP: Linears on a permuted (B, H, W, C) map (a non-contiguous input), whose
+    output gradient comes back permuted too; the output is written in place afterwards (an
+    in-place activation), which the fused output, strided inside a wider product, must allow."""
+    first = _lora(parts_of)
+    torch.manual_seed(1)
+    second = LoRALinear(nn.Linear(36, 12).double().requires_grad_(False), 2, 0.5, 0.0, [(0, 12)])
+    with torch.no_grad():
+        second.lora_B.normal_()
+
+    gamma = torch.linspace(0.5, 2, 12, dtype=torch.float64)[:, None, None]
+
+    def block(t, fc1, fc2):
+        return fc2(torch.relu_(fc1(t.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2) * gamma
+
+    x = torch.randn(2, 12, 3, 4, dtype=torch.float64, requires_grad=True)
+    both = nn.ModuleList([first, second])
+    fused = _grads(both, x, lambda t: block(t, first, second))
+    plain = _grads(both, x, lambda t: block(t, lambda s: _reference(first, s),
+                                            lambda s: _reference(second, s)))
+    assert len(fused) == 6  # output, A and B of both layers, x
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)

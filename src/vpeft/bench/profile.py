@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
+from vpeft.backbones.base import MissingPartError
 from vpeft.engine.model import build_backbone
 
 
@@ -276,12 +277,17 @@ def profile(
     say = progress or (lambda msg: None)
     x, y = batch(spec)
     base = build(spec).eval()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     infer: dict[str, Callable[[], Any]] = {"base": lambda: base(x)}
     steps: dict[str, Callable[[], None]] = {"floor": floor_step(build(spec), x, y)}
     for name, options in methods:
         say(f"building {name}")
-        row = static_profile(spec, name, options)
+        try:
+            row = static_profile(spec, name, options)
+        except MissingPartError as e:  # the method's idea does not apply to this family
+            skipped.append({"method": name, "options": options, "not_applicable": str(e)})
+            continue
         model = build(spec, name, **options)
         impl = vpeft.get_state(model).method
         adapted = copy.deepcopy(model).eval()
@@ -328,4 +334,5 @@ def profile(
         "torch": torch.__version__,
         "floor": floor,
         "methods": rows,
+        "not_applicable": skipped,
     }

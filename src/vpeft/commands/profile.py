@@ -136,4 +136,7 @@ def print_table(result: dict) -> None:
             _fmt(r["step_ratio_floor"], ".3f"),
             _fmt(r.get("train_memory_mb"), ".0f"),
         )
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    for r in result.get("not_applicable", []):
+        console.print(f"{r['method']}: not applicable ({r['not_applicable']})", markup=False)

@@ -78,31 +78,60 @@ class LoRAConfig(MethodConfig):
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
+def _blocks(lora_b: torch.Tensor, parts: list[tuple[int, int]], rank: int,
+            out: int) -> torch.Tensor:
+    """The parts' ``B_i`` in one ``(out, P*r)`` matrix (rows of part ``i``, columns ``i``), so
+    that ``blocks @ A`` is the whole weight update and ``g @ blocks`` every part's ``g_i B_i``."""
+    blocks = lora_b.new_zeros(out, rank * len(parts))
+    row = 0
+    for i, (s, e) in enumerate(parts):
+        blocks[s:e, i * rank : (i + 1) * rank] = lora_b[row : row + e - s]
+        row += e - s
+    return blocks
+
+
 class _LoRAFunction(torch.autograd.Function):
-    """``x W^T + c`` with ``u_i B_i^T`` added to its output columns ``parts[i]`` (``u = xd A^T``).
+    """``x W^T + c`` plus ``u_i B_i^T`` on its output columns ``parts[i]`` (``u = xd A^T``).
 
-    One node instead of about ten, shaped for the small factors' matrix products:
+    One node instead of about ten, built so that LoRA costs little more than the frozen layer,
+    whose forward and input gradient are each one large product. The rank-r products that LoRA
+    adds are cheap in FLOPs but not in time: each reads a whole activation (``x`` or ``g``) for
+    a few columns, at memory speed, which on a layer whose width is only ~12 r (ConvNeXt's first
+    stage) costs a large part of the product itself. So they are folded into the large ones:
 
-    * forward: the LoRA products are accumulated into the base output's columns in place;
-    * backward: the gradients of ``x`` and of ``u`` come from *one* product of the output
-      gradient with ``[W | B_blocks]``, which costs little more than the ``g W`` the frozen layer
-      needs anyway, instead of extra tall-skinny products with slices of the gradient;
-    * ``B``'s gradient is computed as ``u_i^T g_i``, the orientation in which BLAS reads the
-      gradient slice once (many times faster on CPU than ``g_i^T u_i``).
+    * forward: ``[y | u] = x [W + B A ; A]^T`` in one product (``B`` the parts' ``B_i`` in one
+      block matrix), so neither ``u = x A^T`` nor ``y += u B^T`` reads an activation again;
+      ``y`` is returned as the first columns of that product (rows strided by ``out + P*r``);
+    * backward: ``[g_x | g_u] = g [W + B A | B]``, one product that costs about the ``g W`` the
+      frozen layer needs anyway, gives the input gradient with the LoRA path already in it;
+    * ``A``'s gradient is ``g_u^T x`` and ``B``'s ``u_i^T g_i``, the orientation in which BLAS
+      reads the tall operand once (many times faster on CPU than ``g_i^T u_i``).
 
-    ``xd`` is the input of the LoRA branch: ``x`` itself, or a dropout of it (then its gradient
-    is returned separately and autograd applies the mask).
+    ``xd`` is the input of the LoRA branch: ``x`` itself, or a dropout of it; then, or in half
+    precision (where ``W + B A`` would round a small update away), ``y`` is computed as
+    ``x W^T + c`` plus the separate rank-r products, and ``xd``'s gradient is returned for
+    autograd to apply the mask.
     """
 
     @staticmethod
     def forward(ctx, x, xd, weight, bias, lora_a, lora_b, parts, rank):  # type: ignore[override]
-        y = F.linear(x, weight, bias)
-        u = F.linear(xd, lora_a)  # (N, P*r)
-        row = 0
-        for i, (s, e) in enumerate(parts):
-            y[:, s:e].addmm_(u[:, i * rank : (i + 1) * rank], lora_b[row : row + e - s].t())
-            row += e - s
-        ctx.save_for_backward(x, xd, weight, lora_a, lora_b, u)
+        out, pr = weight.shape[0], lora_a.shape[0]
+        blocks = _blocks(lora_b, parts, rank, out)
+        ctx.fold = xd is x and x.dtype in (torch.float32, torch.float64)
+        if ctx.fold:
+            w = torch.cat([torch.addmm(weight, blocks, lora_a), lora_a])
+            c = None if bias is None else torch.cat([bias, bias.new_zeros(pr)])
+            yu = F.linear(x, w, c)
+            # not a view for autograd: the caller may modify y in place (its memory is y's own)
+            y, u = yu[:, :out].detach(), yu[:, out:].clone()
+        else:
+            y = F.linear(x, weight, bias)
+            u = F.linear(xd, lora_a)  # (N, P*r)
+            row = 0
+            for i, (s, e) in enumerate(parts):
+                y[:, s:e].addmm_(u[:, i * rank : (i + 1) * rank], lora_b[row : row + e - s].t())
+                row += e - s
+        ctx.save_for_backward(x, None if xd is x else xd, weight, lora_a, lora_b, u)
         ctx.parts, ctx.rank, ctx.same = parts, rank, xd is x
         ctx.has_bias = bias is not None
         return y
@@ -110,23 +139,23 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, xd, weight, lora_a, lora_b, u = ctx.saved_tensors
+        xd = x if ctx.same else xd
         parts, r = ctx.parts, ctx.rank
         need_x, need_xd, need_w, need_c, need_a, need_b = ctx.needs_input_grad[:6]
         need_x = need_x or (ctx.same and need_xd)
         g = g.contiguous()
-        blocks = g.new_zeros(g.shape[1], u.shape[1])  # B_i placed at (rows of part i, cols i)
-        row = 0
-        for i, (s, e) in enumerate(parts):
-            blocks[s:e, i * r : (i + 1) * r] = lora_b[row : row + e - s]
-            row += e - s
+        blocks = _blocks(lora_b, parts, r, weight.shape[0])
         grad_x = grad_xd = None
-        if need_x:  # [g W | g B_blocks] in one product
-            both = g @ torch.cat([weight, blocks], dim=1)
+        if need_x:  # [g W' | g B_blocks] in one product (W' = W + B A when the forward folded it)
+            w = torch.addmm(weight, blocks, lora_a) if ctx.fold else weight
+            both = g @ torch.cat([w, blocks], dim=1)
             gx, gu = both[:, : weight.shape[1]], both[:, weight.shape[1] :]
-            if ctx.same:
-                grad_x = torch.addmm(gx, gu, lora_a)
+            if ctx.fold:
+                grad_x = gx  # already holds the LoRA path; strided rows, as the forward's y
+            elif ctx.same:
+                grad_x = gx.addmm_(gu, lora_a)
             else:
-                grad_x, grad_xd = gx.contiguous(), gu @ lora_a if need_xd else None
+                grad_x, grad_xd = gx, gu @ lora_a if need_xd else None
         else:
             gu = g @ blocks
             grad_xd = gu @ lora_a if need_xd else None
