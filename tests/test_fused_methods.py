@@ -1,0 +1,84 @@
+"""Memory-lean training paths of the reparameterizations (SSF, DoRA, FacT, GLoRA) compute
+exactly what the plain autograd formulation computes: outputs and every gradient, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vpeft.core.inject import LinearUpdate, ScaleShift, output_parts
+from vpeft.methods.partial.ssf import SSFScaleShift, _ScaleShiftFunction
+from tests.test_fused import _grads
+
+
+def _ssf(base: nn.Module, channels: int, dim: int = -1, scale: float = 1.0) -> SSFScaleShift:
+    torch.manual_seed(0)
+    m = SSFScaleShift(base, channels, dim, init_std=0.3).double()
+    with torch.no_grad():
+        m.scale.mul_(scale)
+        for p in base.parameters():
+            p.normal_()  # LayerNorm starts at w = 1, b = 0: make the fold non-trivial
+    base.requires_grad_(False)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["linear", "layernorm", "conv", "small-scale"])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_ssf_lean_path_matches_plain_autograd(kind, train_base):
+    if kind == "conv":
+        m, x = _ssf(nn.Conv2d(3, 6, 3), 6, dim=1), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    elif kind == "layernorm":
+        m, x = _ssf(nn.LayerNorm(8), 8), torch.randn(2, 4, 8, dtype=torch.float64)
+    else:  # a scale near zero: the backward keeps the input instead of dividing by the scale
+        m = _ssf(nn.Linear(8, 6), 6, scale=1e-3 if kind == "small-scale" else 1.0)
+        x = torch.randn(2, 4, 8, dtype=torch.float64)
+    m.base.requires_grad_(train_base)
+    x.requires_grad_(True)
+    lean = _grads(m, x, m)
+    plain = _grads(m, x, lambda t: ScaleShift.forward(m, t))
+    assert len(lean) == 4 + 2 * train_base  # output, scale, shift, (base weight, bias), x
+    for a, b in zip(lean, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_ssf_function_gradcheck(scale):
+    y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = (scale * (1 + 0.2 * torch.randn(5, dtype=torch.float64))).requires_grad_(True)
+    t = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ScaleShiftFunction.apply, (y, s, t))
+
+
+def test_ssf_lean_path_keeps_only_the_output():
+    """The saved tensors of one SSF Linear are the scaled output (which the next op keeps too),
+    the Linear's own saves and parameter-sized tensors: no second activation-sized tensor."""
+    m = _ssf(nn.Linear(8, 6), 6).float()
+    x = torch.randn(50, 8, requires_grad=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                  lambda t: t):
+        m(x)
+    assert sorted(sizes, reverse=True)[:2] == [300, 48]  # z (50 x 6), then the weight (6 x 8)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_dora_through_the_weight_matches_rescaled_lora(detach_norm):
+    from vpeft.methods.partial.dora import DoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 36).double().requires_grad_(False)
+    m = DoRALinear(base, 3, 2.0, 0.0, output_parts(36, "qv", True), detach_norm)
+    with torch.no_grad():
+        m.lora_B.normal_()
+        m.magnitude.mul_(1.5)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    lean = _grads(m, x, m)
+    plain = _grads(m, x, lambda t: LinearUpdate.forward(m, t))  # rescale of base + update
+    assert len(lean) == 5  # output, A, B, magnitude, x
+    for a, b in zip(lean, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if detach_norm:  # the paper's gradient treats the norm as a constant: not the derivative
+        return
+    params = (m.lora_A, m.lora_B, m.magnitude)
+    assert torch.autograd.gradcheck(lambda t, *_: m(t), (x[0], *params))
