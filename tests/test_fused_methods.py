@@ -82,3 +82,59 @@ def test_dora_through_the_weight_matches_rescaled_lora(detach_norm):
         return
     params = (m.lora_A, m.lora_B, m.magnitude)
     assert torch.autograd.gradcheck(lambda t, *_: m(t), (x[0], *params))
+
+
+def _without_recompute(model: nn.Module) -> nn.Module:
+    """The same model with the recomputation's bracketing hooks removed (plain autograd)."""
+    from vpeft.core.recompute import Recomputer
+
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for k in [k for k, fn in hooks.items() if isinstance(getattr(fn, "__self__", None),
+                                                             Recomputer)]:
+            del hooks[k]
+    return model
+
+
+@pytest.mark.parametrize("method,options", [("fact-tt", {"dropout": 0.0}),
+                                            ("fact-tk", {}), ("glora", {}), ("dora", {})])
+def test_recomputed_norm_and_act_outputs_give_the_same_gradients(method, options):
+    import copy
+
+    import vpeft
+    from tests.conftest import tiny_model
+    from vpeft.core.recompute import Recomputer
+
+    model = vpeft.adapt(tiny_model(), method, **options).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    plain = _without_recompute(copy.deepcopy(model))
+    rec = next(fn.__self__ for fn in model._forward_pre_hooks.values()
+               if isinstance(getattr(fn, "__self__", None), Recomputer))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    got, want = [], []
+    for m, out in ((model, got), (plain, want)):
+        torch.manual_seed(1)  # the same dropout masks
+        m.train()
+        m(x).logsumexp(-1).sum().backward()
+        out += [p.grad for p in m.parameters() if p.requires_grad]
+    assert rec.swapped > 0 and not rec.outputs  # something was recomputed; nothing left over
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # bitwise: the same values, recomputed
+
+
+def test_recompute_refuses_an_input_changed_in_place():
+    from vpeft.core.recompute import recompute_norm_and_act_outputs
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 4))
+    recompute_norm_and_act_outputs(net, [net])
+    x = torch.randn(3, 6, requires_grad=True)
+    h = x * 1
+    out = net(h)
+    with torch.no_grad():
+        h.add_(1)  # changes the LayerNorm's input after the forward
+    with pytest.raises(RuntimeError, match="modified"):
+        out.sum().backward()

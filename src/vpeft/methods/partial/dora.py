@@ -30,6 +30,7 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import option
 from vpeft.core.conv import LowRankConv
+from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
 from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, lora_targets
 from vpeft.registry import register
@@ -164,3 +165,5 @@ class DoRA(LoRA):
                 continue
             wrap(model, path, lambda m, p=parts: DoRALinear(m, cfg.rank, cfg.scale, cfg.dropout,
                                                             p, cfg.detach_norm))
+        # through the weight, an adapted Linear keeps its input (qkv's: the norm's output)
+        recompute_norm_and_act_outputs(model, [model.get_submodule(b) for b in view.blocks])

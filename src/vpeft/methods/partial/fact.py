@@ -29,6 +29,7 @@ from torch import nn
 from vpeft.backbones.base import BackboneView, MissingPartError
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, lowrank_, narrow_linear, share
+from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
@@ -136,6 +137,9 @@ class FacT(Reparameterization):
         wrapped = [wrap(model, p, lambda m: FacTLinear(m, dim, cfg.rank, cfg.scale, cfg.dropout,
                                                        self.tucker, code_bound)) for p in paths]
         share(wrapped, "factors", factors)
+        # U's gradient needs every adapted Linear's input: recompute those that are a norm's or
+        # the MLP activation's output rather than keep them (see vpeft.core.recompute)
+        recompute_norm_and_act_outputs(model, [model.get_submodule(b) for b in view.blocks])
 
 
 @dataclass
