@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import tiny_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import vpeft
 from vpeft.engine.evaluate import deployed, evaluate
 from vpeft.engine.runtime import make_accelerator
-from tests.conftest import tiny_model
 
 
 @pytest.mark.parametrize("method", ["ssf", "lora", "vpt-shallow"])
@@ -31,6 +31,6 @@ def test_merged_evaluation_gives_the_same_predictions(method):
     assert merged.top1 == adapted.top1
     assert merged.loss == pytest.approx(adapted.loss, rel=1e-5)
     state = vpeft.get_state(model)
-    assert state.merged is None and vpeft.get_state(deployed(model)).merged is not None \
+    assert (state.merged is None and vpeft.get_state(deployed(model)).merged is not None) \
         or not state.method.mergeable  # the adapted model is left as it is
     assert (deployed(model) is model) == (not state.method.mergeable)

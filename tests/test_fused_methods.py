@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.test_fused import _grads
 from torch import nn
 
 from vpeft.core.inject import LinearUpdate, ScaleShift, output_parts
 from vpeft.methods.partial.ssf import SSFScaleShift, _ScaleShiftFunction
-from tests.test_fused import _grads
 
 
 def _ssf(base: nn.Module, channels: int, dim: int = -1, scale: float = 1.0) -> SSFScaleShift:
@@ -100,8 +100,9 @@ def _without_recompute(model: nn.Module) -> nn.Module:
 def test_recomputed_norm_and_act_outputs_give_the_same_gradients(method, options):
     import copy
 
-    import vpeft
     from tests.conftest import tiny_model
+
+    import vpeft
     from vpeft.core.recompute import Recomputer
 
     model = vpeft.adapt(tiny_model(), method, **options).double()
