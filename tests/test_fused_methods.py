@@ -139,3 +139,47 @@ def test_recompute_refuses_an_input_changed_in_place():
         h.add_(1)  # changes the LayerNorm's input after the forward
     with pytest.raises(RuntimeError, match="modified"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fact_update_function_matches_plain_autograd(tucker, dropout):
+    from vpeft.methods.partial.fact import _FacTUpdate
+
+    torch.manual_seed(0)
+    d, r, n_in, n_out, n = 4, 3, 2, 3, 5
+    kw = {"dtype": torch.float64, "requires_grad": True}
+    x, u = torch.randn(n, n_in * d, **kw), torch.randn(r, d, **kw)
+    cores, v = torch.randn(n_out, n_in, r, r, **kw), torch.randn(d, r, **kw)
+    keep = torch.rand(n, n_out, r) > 0.3 if dropout else None
+    y0 = torch.randn(n, n_out * d, dtype=torch.float64)
+
+    def plain(x, u, cores, v):
+        z = torch.einsum("nir,oiqr->noq", x.unflatten(-1, (-1, d)) @ u.t(), cores)
+        if keep is not None:
+            z = z * keep / 0.7
+        return y0 + 2.0 * (z @ v.t()).flatten(-2)
+
+    def fused(x, u, cores, v):
+        return _FacTUpdate.apply(y0.clone(), x, u, cores, v, keep, 0.3, 2.0)
+
+    g = torch.randn(n, n_out * d, dtype=torch.float64)
+    want = torch.autograd.grad(plain(x, u, cores, v), (x, u, cores, v), g)
+    out = fused(x, u, cores, v)
+    torch.testing.assert_close(out, plain(x, u, cores, v))
+    for a, b in zip(torch.autograd.grad(out, (x, u, cores, v), g), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (x, u, cores, v))
+
+
+def test_fact_with_dropout_keeps_the_base_path_and_masks_only_the_update():
+    from tests.conftest import tiny_model
+
+    import vpeft
+
+    model = vpeft.adapt(tiny_model(), "fact-tk", dropout=0.5).train()
+    layer = next(m for m in model.modules() if type(m).__name__ == "FacTLinear")
+    x = torch.randn(6, layer.base.in_features)
+    with torch.no_grad():
+        layer.factors.v.zero_()  # V = 0: the update vanishes, whatever the mask
+    torch.testing.assert_close(layer(x), layer.base(x))
