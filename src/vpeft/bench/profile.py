@@ -10,6 +10,7 @@ gradient. Every method that trains something inside the first block pays at leas
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -32,6 +33,8 @@ import vpeft
 from vpeft.backbones.base import MissingPartError
 from vpeft.engine.model import build_backbone
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class ProfileSpec:
@@ -49,6 +52,14 @@ class ProfileSpec:
     memory: bool = True  # peak training memory (a fresh subprocess per method on CPU)
     train: bool = True  # time training steps (against the floor)
     model_args: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # or "bf16": forward passes under bf16 autocast (weights stay fp32)
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context every forward pass runs in (disabled for fp32)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        return torch.autocast(self.resolved_device().type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -146,21 +157,26 @@ def module_types(model: nn.Module) -> list[tuple[str, type]]:
     return [(n, type(m)) for n, m in model.named_modules()]
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One AdamW step of ``model`` on a fixed batch (the optimiser lives in the closure)."""
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+    """One AdamW step of ``model`` on a fixed batch (the optimiser lives in the closure); the
+    forward runs in ``autocast()``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return step
 
 
-def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
     """Forward of the frozen ``model`` plus backward to the tokens entering the first block."""
     view = vpeft.get_view(model)
     view.require("blocks", method="floor")
@@ -170,7 +186,9 @@ def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     )
 
     def step() -> None:
-        F.cross_entropy(model(x), y).backward()
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
 
     return step
 
@@ -231,15 +249,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _probe(job: dict) -> dict:
-    """In the subprocess: build, then measure two training steps (the second has AdamW state)."""
-    spec = ProfileSpec(**job["spec"])
-    dev = spec.resolved_device()
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    model = build(spec, job["method"], **job["options"]) if job["method"] else build(spec)
-    x, y = batch(spec)
-    step = train_step(model, x, y) if job["method"] else floor_step(model, x, y)
+def step_memory(step: Callable[[], None], dev: torch.device) -> dict[str, Any]:
+    """Peak memory of two calls of ``step`` (the second has AdamW state) above the memory before
+    them: CUDA ``max_memory_allocated``, or on the CPU the resident set's peak (``VmHWM``, reset
+    first; meaningful in a fresh process, see :func:`peak_memory_mb`)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -252,11 +265,10 @@ def _probe(job: dict) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-    elif how.endswith("reset"):
-        peak = _rss_kib("VmHWM") * 1024
+        process = peak
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _rss_kib("VmHWM") * 1024 if how.endswith("reset") else process
     mib = 2**20
     return {
         "train_memory_mb": (peak - base) / mib,
@@ -265,37 +277,67 @@ def _probe(job: dict) -> dict:
     }
 
 
+def _probe(job: dict) -> dict:
+    """In the subprocess: build, then measure two training steps (the second has AdamW state)."""
+    spec = ProfileSpec(**job["spec"])
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model = build(spec, job["method"], **job["options"]) if job["method"] else build(spec)
+    x, y = batch(spec)
+    make = train_step if job["method"] else floor_step
+    return step_memory(make(model, x, y, spec.autocast), spec.resolved_device())
+
+
 def profile(
     spec: ProfileSpec,
     methods: list[tuple[str, dict[str, Any]]],
     progress: Callable[[str], None] | None = None,
+    skip_inapplicable: bool = False,
 ) -> dict[str, Any]:
-    """Profile ``methods`` (name, options) against the base model and the floor."""
+    """Profile ``methods`` (name, options) against the base model and the floor.
+
+    With ``skip_inapplicable`` a method that cannot apply to the backbone (it lacks a part the
+    method needs, e.g. a ViT for a CNN-only method) is left out and listed under ``skipped``.
+    """
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dev = spec.resolved_device()
     say = progress or (lambda msg: None)
     x, y = batch(spec)
     base = build(spec).eval()
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    infer: dict[str, Callable[[], Any]] = {"base": lambda: base(x)}
-    steps: dict[str, Callable[[], None]] = {"floor": floor_step(build(spec), x, y)}
+    rows = []
+
+    def run(m: nn.Module) -> Any:
+        with spec.autocast():
+            return m(x)
+
+    # on a GPU memory is measured here, right after each build (the optimiser's state included);
+    # on the CPU in a fresh subprocess per method, as the resident set cannot be attributed
+    in_process = spec.memory and dev.type == "cuda"
+    infer: dict[str, Callable[[], Any]] = {"base": lambda: run(base)}
+    steps: dict[str, Callable[[], None]] = {"floor": floor_step(build(spec), x, y, spec.autocast)}
+    floor_memory = step_memory(steps["floor"], dev) if in_process else {}
+    skipped: dict[str, str] = {}
     for name, options in methods:
         say(f"building {name}")
         try:
             row = static_profile(spec, name, options)
-        except MissingPartError as e:  # the method's idea does not apply to this family
-            skipped.append({"method": name, "options": options, "not_applicable": str(e)})
+        except MissingPartError as e:
+            if not skip_inapplicable:
+                raise
+            say(f"skipping {name}: {e}")
+            skipped[name] = str(e)
             continue
         model = build(spec, name, **options)
         impl = vpeft.get_state(model).method
         adapted = copy.deepcopy(model).eval()
-        infer[f"{name}/adapted"] = lambda m=adapted: m(x)
+        infer[f"{name}/adapted"] = lambda m=adapted: run(m)
         if impl.mergeable:
             merged = vpeft.merge(adapted).eval()
-            infer[f"{name}/merged"] = lambda m=merged: m(x)
-        steps[name] = train_step(model, x, y)
+            infer[f"{name}/merged"] = lambda m=merged: run(m)
+        steps[name] = train_step(model, x, y, spec.autocast)
+        if in_process:
+            row.update(step_memory(steps[name], dev))
         deployed = merged if impl.mergeable else adapted
         row.update(
             mergeable=impl.mergeable,
@@ -317,7 +359,8 @@ def profile(
         row["latency_ratio_merged"] = lat.ratio(f"{n}/merged") if f"{n}/merged" in infer else None
         row["step_ms"] = 1e3 * step.median(n) if step else None
         row["step_ratio_floor"] = step.ratio(n) if step else None
-        if spec.memory:
+        row["images_per_second"] = spec.batch_size / step.median(n) if step else None
+        if spec.memory and not in_process:
             say(f"memory of {n}")
             row.update(peak_memory_mb(spec, n, row["options"]))
     floor = {
@@ -326,7 +369,7 @@ def profile(
         "base_gflops_per_image": flops_per_image(base, spec.img_size) / 1e9,
     }
     if spec.memory:
-        floor.update(peak_memory_mb(spec, None, {}))
+        floor.update(floor_memory or peak_memory_mb(spec, None, {}))
     return {
         "spec": asdict(spec),
         "device": str(dev),
@@ -334,5 +377,5 @@ def profile(
         "torch": torch.__version__,
         "floor": floor,
         "methods": rows,
-        "not_applicable": skipped,
+        "skipped": skipped,
     }

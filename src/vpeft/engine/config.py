@@ -80,8 +80,9 @@ class TrainConfig:
     precision: str = opt("auto", "mixed precision; auto: bf16 on a GPU that has it, else fp32",
                          choices=PRECISIONS)
     cpu: bool = opt(False, "run on the CPU even when a GPU is there", compared=False)
-    num_workers: int | None = opt(None, "data loader processes (default: min(8, CPUs - 1))",
-                                  compared=False)
+    num_workers: int | None = opt(None, "data loader processes (default: 0 on a CPU with up to "
+                                  "4 cores, min(8, cores - 1) on a GPU); torch threads take "
+                                  "the other cores", compared=False)
     cache_features: bool = opt(True, "when only the head trains, run the frozen backbone once over "
                                      "the data and train on its cached features")
     head_solver: str = opt(

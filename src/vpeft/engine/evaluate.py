@@ -50,10 +50,23 @@ class EvalResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-@torch.no_grad()
+def deployed(model: nn.Module) -> nn.Module:
+    """What evaluation runs: a merged copy of ``model`` when its method folds into the weights
+    (the plain backbone's speed; the same function, up to rounding), else ``model`` itself."""
+    state = vpeft.get_state(model, required=False)
+    if state is None or state.merged is not None or not state.method.mergeable:
+        return model
+    return vpeft.merge(model)
+
+
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
-             show_progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Top-1 of ``model`` on a loader prepared by ``accelerator``; every process gets it all."""
+             show_progress: bool = True, desc: str = "eval", merge: bool = True) -> EvalResult:
+    """Top-1 of ``model`` on a loader prepared by ``accelerator``; every process gets it all.
+
+    With ``merge`` a mergeable method is evaluated merged (a copy; ``model`` is left as it is).
+    """
+    model = deployed(accelerator.unwrap_model(model)) if merge else model
     model.eval()
     start = time.perf_counter()
     preds, loss_sum, correct = [], 0.0, 0

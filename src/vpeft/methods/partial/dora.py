@@ -12,6 +12,8 @@ paper suggests (Sec. 4.3), the norm is treated as a constant in the backward pas
 Targets follow LoRA (whose options and helpers this reuses): on a fused ``qkv`` only the chosen
 parts (default q and v) are decomposed, each output row of them with its own magnitude; rows of
 the other parts are untouched. Merging writes ``W'`` into the weight: a plain ``nn.Linear``.
+Training runs through the weight, ``F.linear(x, W', c)``: the only activation it stores is the
+layer's input (as LoRA's), where rescaling the output would store the whole output.
 
 On a ``nn.Conv2d`` (selected as LoRA selects them) the direction is LoRA's conv pair update of
 the kernel and each output channel has a magnitude, the norm over its ``(in, kh, kw)`` kernel.
@@ -22,11 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import option
 from vpeft.core.conv import LowRankConv
+from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
 from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, lora_targets
 from vpeft.registry import register
@@ -69,8 +73,19 @@ class DoRALinear(LoRALinear):
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.rescale(super().update(x, y))
 
+    def adapted_weight(self) -> torch.Tensor:
+        """``m (W + s B A) / ||W + s B A||_c`` on the decomposed rows, ``W`` on the others."""
+        direction = self.base.weight + self.delta_weight()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+            norm = direction[self.rows].norm(dim=1)
+        ratio = direction.new_ones(direction.shape[0]).index_put((self.rows,),
+                                                                  self.magnitude / norm)
+        return direction * ratio[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rescale(self.lora_output(x.reshape(-1, x.shape[-1]))).view(*x.shape[:-1], -1)
+        # through the weight: the rescaled output (as large as the layer's output) is never
+        # stored for the backward, only the layer's input and weight-sized tensors
+        return F.linear(x, self.adapted_weight(), self.base.bias)
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
@@ -150,3 +165,5 @@ class DoRA(LoRA):
                 continue
             wrap(model, path, lambda m, p=parts: DoRALinear(m, cfg.rank, cfg.scale, cfg.dropout,
                                                             p, cfg.detach_norm))
+        # through the weight, an adapted Linear keeps its input (qkv's: the norm's output)
+        recompute_norm_and_act_outputs(model, [model.get_submodule(b) for b in view.blocks])

@@ -38,7 +38,8 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
-from vpeft.core.inject import LinearUpdate, lowrank_, narrow_linear, share
+from vpeft.core.inject import LinearUpdate, compute_dtype, lowrank_, narrow_linear, share
+from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
@@ -68,6 +69,51 @@ class FacTFactors(nn.Module):
         lowrank_(self.u)
         self.core = nn.Parameter(nn.init.xavier_uniform_(ref.new_empty(rank, rank, rank))) \
             if tucker else None
+
+
+class _FacTUpdate(torch.autograd.Function):
+    """``y += s * drop(z) V^T``, ``z = einsum(x_i U^T, cores)``, in place on rows ``y``.
+
+    Saves ``x``, the factors and the dropout's keep mask (bytes) only: the rank-r features
+    ``x_i U^T`` and ``z`` are recomputed in the backward (rank-r products, cheap), where autograd
+    would keep them and their dropout copies, several times the width of the tokens at r = 32.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, u, cores, v, keep, p, scale):  # type: ignore[override]
+        z = _FacTUpdate.features(x, u, cores, keep, p)[1]
+        y.view(*z.shape[:-1], u.shape[1]).add_(z @ v.t(), alpha=scale)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, u, cores, v, keep)
+        ctx.p, ctx.scale = p, scale
+        return y
+
+    @staticmethod
+    def features(x: torch.Tensor, u: torch.Tensor, cores: torch.Tensor, keep: torch.Tensor | None,
+                 p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_i U^T`` ``(N, n_in, r)`` and the dropped ``z`` ``(N, n_out, r)``."""
+        feats = F.linear(x.unflatten(-1, (-1, u.shape[1])), u)
+        z = torch.einsum("nir,oiqr->noq", feats, cores)
+        if keep is not None:
+            z = z * keep / (1 - p)
+        return feats, z
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, u, cores, v, keep = ctx.saved_tensors
+        s, dim = ctx.scale, u.shape[1]
+        feats, z = _FacTUpdate.features(x, u, cores, keep, ctx.p)
+        gs = g.view(*z.shape[:-1], dim)  # (N, n_out, D)
+        gv = s * (z.flatten(0, 1).t() @ gs.flatten(0, 1)).t()  # (D, r)
+        gz = s * (gs @ v)  # (N, n_out, r)
+        if keep is not None:
+            gz = gz * keep / (1 - ctx.p)
+        gcores = torch.einsum("nir,noq->oiqr", feats, gz)
+        gfeats = torch.einsum("noq,oiqr->nir", gz, cores)  # (N, n_in, r)
+        xs = x.unflatten(-1, (-1, dim))
+        gu = (xs.flatten(0, 1).t() @ gfeats.flatten(0, 1)).t()  # (r, D)
+        gx = (gfeats @ u).flatten(-2) if ctx.needs_input_grad[1] else None
+        return g, gx, gu, gcores, gv, None, None, None
 
 
 class FacTLinear(LinearUpdate):
@@ -102,14 +148,26 @@ class FacTLinear(LinearUpdate):
         return not (self.training and isinstance(self.dropout, nn.Dropout))
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        f = self.factors
-        pad = self.codes.shape[1] * self.dim - x.shape[-1]  # a last, partial slice: zeros
-        x = F.pad(x, (0, pad)) if pad else x
-        u = F.linear(x.unflatten(-1, (-1, self.dim)), f.u)  # (..., n_in, r)
-        z = self.dropout(torch.einsum("...ir,oiqr->...oq", u, self.cores()))  # (..., n_out, r)
-        # y is the Linear's output, not saved for its backward: add in place
-        delta = narrow_linear(z, f.v).flatten(-2)[..., : y.shape[-1]]
-        return y.add_(delta, alpha=self.scale)
+        f, cores = self.factors, self.cores()
+        pad_in = self.codes.shape[1] * self.dim - x.shape[-1]
+        if pad_in or y.shape[-1] % self.dim:  # a last, partial slice (Swin, EVA widths): zeros
+            x = F.pad(x, (0, pad_in)) if pad_in else x
+            u = F.linear(x.unflatten(-1, (-1, self.dim)), f.u)  # (..., n_in, r)
+            z = self.dropout(torch.einsum("...ir,oiqr->...oq", u, cores))  # (..., n_out, r)
+            # y is the Linear's output, not saved for its backward: add in place
+            delta = narrow_linear(z, f.v).flatten(-2)[..., : y.shape[-1]]
+            return y.add_(delta, alpha=self.scale)
+        keep = None
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            p = self.dropout.p
+            n_out = y.shape[-1] // self.dim
+            keep = torch.empty(*x.shape[:-1], n_out, cores.shape[-2], device=x.device)
+            keep = keep.bernoulli_(1 - p).bool()
+        dt = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            # y is the Linear's output, not saved for its backward: the update goes in in place
+            return _FacTUpdate.apply(y, x.to(dt), f.u.to(dt), cores.to(dt), f.v.to(dt), keep,
+                                     self.dropout.p if keep is not None else 0.0, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors
@@ -150,6 +208,9 @@ class FacT(Reparameterization):
             wrapped = [wrap(model, p, lambda m, d=dim, b=code_bound: FacTLinear(
                 m, d, cfg.rank, cfg.scale, cfg.dropout, self.tucker, b)) for p in paths]
             share(wrapped, "factors", factors)
+        # U's gradient needs every adapted Linear's input: recompute those that are a norm's or
+        # the MLP activation's output rather than keep them (see vpeft.core.recompute)
+        recompute_norm_and_act_outputs(model, [model.get_submodule(b) for b in view.blocks])
 
 
 def slices(size: int, dim: int) -> int:

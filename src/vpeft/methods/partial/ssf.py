@@ -7,12 +7,19 @@ On CNNs the scale and shift also follow every BatchNorm, inside its affine map (
 activation of a fused norm-act layer, see :class:`~vpeft.core.conv.NormScaleShift`). A conv
 without a bias is skipped: in these CNNs a norm layer follows it, whose scale and shift span the
 same affine maps and fold without adding a ``bias`` the plain architecture lacks.
+
+Training stores no activation of its own (:class:`SSFScaleShift`): after a LayerNorm the scale
+and shift are folded into the norm's affine weights, and after a Linear or conv the backward
+recovers the layer's output from the scaled output, which the next operation keeps anyway.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from timm import layers as timm_layers
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -44,6 +51,59 @@ class SSFConfig(MethodConfig):
     norm_stats: bool = option(
         False, "Update BatchNorm running statistics while training (default: frozen, eval mode)."
     )
+
+
+#: below this |scale| the output no longer gives the input back to full precision: the backward
+#: then keeps the input instead (see :class:`_ScaleShiftFunction`)
+MIN_INVERTIBLE_SCALE = 1e-2
+
+
+class _ScaleShiftFunction(torch.autograd.Function):
+    """``z = y * s + t`` (``s``, ``t`` broadcast over ``y``) whose backward saves ``z``, not ``y``.
+
+    The scale's gradient needs ``y``, which it gets back as ``(z - t) / s``; ``z`` is the input of
+    the next operation (qkv's output for attention, fc1's for the GELU), which keeps it for its own
+    backward, so this node adds no memory where ``y * s + t`` in autograd stores all of ``y``.
+    With a scale near zero it saves ``y`` instead, as division would lose precision.
+    """
+
+    @staticmethod
+    def forward(ctx, y, s, t):  # type: ignore[override]
+        z = torch.addcmul(t, y, s)
+        ctx.from_output = bool((s.abs() >= MIN_INVERTIBLE_SCALE).all())
+        ctx.save_for_backward(z if ctx.from_output else y, s, t)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        saved, s, t = ctx.saved_tensors
+        need_y, need_s, need_t = ctx.needs_input_grad
+        gs = None
+        if need_s:
+            y = (saved - t) / s if ctx.from_output else saved
+            gs = (g * y).sum_to_size(s.shape)
+        return (g * s if need_y else None), gs, (g.sum_to_size(t.shape) if need_t else None)
+
+
+class SSFScaleShift(ScaleShift):
+    """:class:`~vpeft.core.inject.ScaleShift` that keeps no activation of its own in training.
+
+    After a plain LayerNorm, ``(n * w + b) * s + t`` runs as one ``F.layer_norm`` with weight
+    ``w * s`` and bias ``b * s + t`` (what ``fold`` writes); elsewhere ``y * s + t`` runs as
+    :class:`_ScaleShiftFunction`.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base
+        if (type(base) in (nn.LayerNorm, timm_layers.LayerNorm) and self.channel_dim == -1
+                and not getattr(base, "_fast_norm", False) and not args
+                and not base._forward_hooks and not base._forward_pre_hooks):
+            bias = self.shift if base.bias is None else torch.addcmul(self.shift, base.bias,
+                                                                      self.scale)
+            return F.layer_norm(x, base.normalized_shape, base.weight * self.scale, bias, base.eps)
+        y = base(x, *args, **kwargs)
+        s, t = self._shape(self.scale, y.ndim), self._shape(self.shift, y.ndim)
+        return _ScaleShiftFunction.apply(y, s, t)
 
 
 def _channels(m: nn.Module) -> int:
@@ -78,7 +138,7 @@ class SSF(Reparameterization):
             if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:
                 raise ValueError(f"ssf cannot fold into {path}: LayerNorm without affine weights")
             dim = 1 if isinstance(m, CHANNELS_FIRST) else -1
-            wrap(model, path, lambda b, d=dim: ScaleShift(b, _channels(b), d, cfg.init_std))
+            wrap(model, path, lambda b, d=dim: SSFScaleShift(b, _channels(b), d, cfg.init_std))
 
     @property
     def zero_init(self) -> bool:  # type: ignore[override]  # identity only when init_std == 0

@@ -42,6 +42,7 @@ from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import LinearUpdate, _bias_of, linear_targets
 from vpeft.core.method import Method, SearchSpace
+from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
 from vpeft.registry import register
 
@@ -254,3 +255,6 @@ class GLoRA(Method):
         for i, path in enumerate(paths):
             forms = cfg.forms(cfg.per_layer[i] if cfg.per_layer else "")
             wrap(model, path, lambda m, f=forms: GLoRALinear(m, f))
+        # through the weight, every adapted Linear keeps its input: recompute those that are a
+        # norm's or the MLP activation's output instead (see vpeft.core.recompute)
+        recompute_norm_and_act_outputs(model, [model.get_submodule(b) for b in view.blocks])
