@@ -15,7 +15,8 @@
   apply to this method or backbone is missing.
 
 The *base model* is the backbone without the method plus the trained head: what the head alone
-would do. Each map is scaled to [0, 1] by its maximum before the difference is taken.
+would do. Each map is scaled to [0, 1] (its minimum to 0, its maximum to 1) before the
+difference is taken.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ def copy_head(base: nn.Module, adapted: nn.Module, view: BackboneView) -> list[s
 
 
 def _to_image(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A (h, w) map resized to the image's (H, W), scaled to [0, 1] by its maximum."""
+    """A (h, w) map resized to the image's (H, W), scaled to [0, 1] (min to 0, max to 1)."""
     m = F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
-    m = m.clamp_min(0)
+    m = m - m.min()
     return (m / m.max().clamp_min(1e-12)).numpy().astype(np.float32)
 
 
@@ -203,7 +204,8 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
         per_image.append(entry)
     summary = _summary(adapted, base, view, torch.cat(xs), masses, batches, absent)
     summary.update(images=per_image, notes=notes, **(info or {}))
-    summary["figures"] = [e["figure"] for e in per_image] + figures.attribution_figures(
+    summary["figures"] = [f for e in per_image for f in (e["figure"], e.get("prompt_figure"))
+                          if f] + figures.attribution_figures(
         out, summary, view.blocks, state.config.method)
     _write(out, summary, arrays)
     return summary
@@ -221,7 +223,7 @@ def _summary(adapted: nn.Module, base: nn.Module, view: BackboneView, x: torch.T
                             "||module(x) - base_module(x)|| / ||residual stream into the block||",
             "prompt_mass": "per block, mean attention mass image tokens give added tokens/keys",
             "ablation": "loss/top-1 with one block's added modules switched off",
-            "maps": "each map scaled to [0, 1] by its maximum; diff = adapted - base",
+            "maps": "each map scaled to [0, 1] (min to 0, max to 1); diff = adapted - base",
         },
     }
     update = attribution.update_ratios(adapted, base, view)

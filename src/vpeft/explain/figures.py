@@ -27,33 +27,47 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
+def _gray(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else image[..., :3].mean(axis=-1)
+
+
 def _overlay(ax, image: np.ndarray, heat: np.ndarray, cmap: str, vmin: float, vmax: float,
              title: str, fig) -> None:
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-    im = ax.imshow(heat, cmap=cmap, alpha=0.5, vmin=vmin, vmax=vmax)
+    """``heat`` over the image in grey (so the colours are the map's), with a colour bar."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    ax.imshow(_gray(image), cmap="gray")
+    ax.imshow(heat, cmap=cmap, alpha=0.55, vmin=vmin, vmax=vmax)
     ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    bar = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), ax=ax, fraction=0.046,
+                       pad=0.03)
+    bar.ax.tick_params(labelsize=7)
 
 
 def image_figure(path: Path, image: np.ndarray, maps: dict[str, dict[str, np.ndarray]],
                  caption: str) -> None:
     """One row per map kind: the image, the base model's map, the adapted model's map and
-    their difference (adapted - base), each map scaled to [0, 1] by its maximum."""
+    their difference (adapted - base), each map already scaled to [0, 1]."""
     plt = _plt()
     kinds = list(maps)
-    fig, axes = plt.subplots(len(kinds), 4, figsize=(13, 3.1 * len(kinds)), squeeze=False)
-    for row, kind in zip(axes, kinds):
+    fig, axes = plt.subplots(len(kinds), 4, figsize=(13, 3.0 * len(kinds)), squeeze=False)
+    for r, (row, kind) in enumerate(zip(axes, kinds)):
         m = maps[kind]
         row[0].imshow(image, cmap="gray" if image.ndim == 2 else None)
-        row[0].set_title("image", fontsize=9)
-        row[0].axis("off")
-        name = TITLES.get(kind, kind)
-        _overlay(row[1], image, m["base"], "jet", 0, 1, f"{name}: base (head only)", fig)
-        _overlay(row[2], image, m["adapted"], "jet", 0, 1, f"{name}: adapted", fig)
+        row[0].set_xticks([])
+        row[0].set_yticks([])
+        row[0].set_ylabel(TITLES.get(kind, kind), fontsize=10)
+        first = r == 0
+        row[0].set_title("image" if first else "", fontsize=9)
+        _overlay(row[1], image, m["base"], "jet", 0, 1, "base (head only)" if first else "", fig)
+        _overlay(row[2], image, m["adapted"], "jet", 0, 1, "adapted" if first else "", fig)
         _overlay(row[3], image, m["diff"], "RdBu_r", -1, 1,
-                 f"{name}: adapted - base (red: more)", fig)
+                 "adapted - base (red: more)" if first else "", fig)
     fig.suptitle(caption, fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
 
@@ -61,14 +75,19 @@ def image_figure(path: Path, image: np.ndarray, maps: dict[str, dict[str, np.nda
 def prompt_figure(path: Path, image: np.ndarray, maps: np.ndarray, caption: str,
                   limit: int = 8) -> None:
     """Which patches attend to each added token the most: one overlay per token (the first
-    ``limit``), each scaled to [0, 1]."""
+    ``limit``, four a row), each already scaled to [0, 1]."""
     plt = _plt()
     n = min(limit, len(maps))
-    fig, axes = plt.subplots(1, n, figsize=(3.1 * n, 3.2), squeeze=False)
-    for j, ax in enumerate(axes[0]):
-        m = maps[j] / max(float(maps[j].max()), 1e-12)
-        _overlay(ax, image, m, "jet", 0, 1, f"prompt token {j}", fig)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.0 * rows), squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j < n:
+            _overlay(ax, image, maps[j], "jet", 0, 1, f"prompt token {j}", fig)
+        else:
+            ax.axis("off")
     fig.suptitle(caption, fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
 
@@ -124,6 +143,7 @@ def attribution_figures(out: Path, summary: dict[str, Any], blocks: list[str],
             ax.tick_params(labelsize=8)
             ax.set_xticks(np.arange(depth))
         fig.suptitle(f"{method}: which blocks' added parameters matter", fontsize=10)
+        fig.tight_layout()
         _save(fig, out / "attribution_blocks.png")
         plt.close(fig)
         written.append("attribution_blocks.png")
@@ -139,6 +159,7 @@ def attribution_figures(out: Path, summary: dict[str, Any], blocks: list[str],
             ax.set_title(labels[key], fontsize=9)
             fig.colorbar(im, ax=ax).ax.tick_params(labelsize=7)
         fig.suptitle(f"{method}: per module and block", fontsize=10)
+        fig.tight_layout()
         _save(fig, out / "attribution_heatmap.png")
         plt.close(fig)
         written.append("attribution_heatmap.png")
