@@ -50,9 +50,10 @@ def touched_modules(model: nn.Module, view: BackboneView) -> list[str]:
     owners = []
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0]
-        if p.requires_grad and name not in state.head_keys and not view.in_head(owner):
-            if not any(owner == w or owner.startswith(w + ".") for w in wrapped):
-                owners.append(owner)
+        inside = any(owner == w or owner.startswith(w + ".") for w in wrapped)
+        if p.requires_grad and name not in state.head_keys and not view.in_head(owner) \
+                and not inside:
+            owners.append(owner)
     found = set(wrapped) | set(owners)
     return [n for n, _ in model.named_modules() if n in found]
 

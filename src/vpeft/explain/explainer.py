@@ -157,7 +157,10 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
     absent: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
     per_image, xs, masses = [], [], []
-    label = (lambda c: classes[c] if classes and c < len(classes) else str(c))
+
+    def label(c: int) -> str:
+        return classes[c] if classes and c < len(classes) else str(c)
+
     for key, path in zip(_keys(paths), paths):
         try:
             pil = Image.open(path).convert("RGB")
