@@ -66,6 +66,15 @@ def blocks_with_added(model: nn.Module, view: BackboneView) -> list[int]:
     return sorted({i for k in keys if (i := block_of(view, k)) is not None})
 
 
+def _existing(model: nn.Module, path: str) -> str:
+    """``path``, or its nearest ancestor that ``model`` has (a merge removes the update's own
+    sub-modules, e.g. a Hugging Face PEFT layer's ``lora_A``)."""
+    names = dict(model.named_modules())
+    while path and path not in names:
+        path = path.rpartition(".")[0]
+    return path
+
+
 @torch.no_grad()
 def update_ratios(adapted: nn.Module, base: nn.Module, view: BackboneView
                   ) -> dict[str, float] | None:
@@ -75,8 +84,10 @@ def update_ratios(adapted: nn.Module, base: nn.Module, view: BackboneView
     base_params = dict(base.named_parameters())
     if state.method.mergeable:  # the merged model has the base's names: compare module-wise
         merged = merge(adapted)
-        pairs = [(f"{base_name(m)}.{n}", p) for m in touched_modules(adapted, view)
-                 for n, p in merged.get_submodule(base_name(m)).named_parameters()]
+        names = dict.fromkeys(_existing(merged, base_name(m)) for m in touched_modules(adapted,
+                                                                                  view))
+        pairs = [(f"{m}.{n}", p) for m in names
+                 for n, p in merged.get_submodule(m).named_parameters()]
     else:  # only the base tensors it trains in place have a W to compare with
         pairs = [(base_name(n), p) for n, p in adapted.named_parameters()
                  if p.requires_grad and n not in state.head_keys and base_name(n) in base_params]

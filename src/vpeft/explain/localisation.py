@@ -1,9 +1,11 @@
-"""A localisation check that an explanation can fail: shapes on noise, and the pointing game.
+"""A localisation check an explanation can fail: squares on noise, and the pointing game.
 
-Each image is grey noise with one small white shape at a random place; the label is the shape
-(0: filled square, 1: hollow square, 2: plus sign), so a model can only be right by finding the
-object. The pointing game (Zhang et al., 2016) counts the images whose map peaks inside the
-object's box; a map that ignores the object scores about the box's area fraction.
+Each image is grey noise with one small square at a random place, half white and half black; the
+label is which half is white (0: top, 1: left, 2: the top-left and bottom-right quarters). Every
+class has the same number of white and black pixels, so no global statistic of the image tells the
+class: a model can only be right by finding the object. The pointing game (Zhang et al., 2016)
+counts the images whose map peaks inside the object's box; a map that ignores the object scores
+about the box's area fraction.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-SHAPES = ("filled square", "hollow square", "plus")
+SHAPES = ("top half", "left half", "diagonal quarters")
 
 
 def shape_images(n: int, size: int = 64, obj: int = 16, seed: int = 0
@@ -25,22 +27,18 @@ def shape_images(n: int, size: int = 64, obj: int = 16, seed: int = 0
     images = rng.normal(0.5, 0.15, (n, size, size)).clip(0, 1)
     labels = rng.integers(0, len(SHAPES), n)
     boxes = np.zeros((n, 4), dtype=np.int64)
-    t = max(obj // 4, 1)
-    mid = slice(obj // 2 - t // 2 - 1, obj // 2 + t // 2 + 1)
+    h = obj // 2
     for i in range(n):
         r, c = rng.integers(0, size - obj + 1, 2)
         shape = np.zeros((obj, obj), dtype=bool)
         if labels[i] == 0:
-            shape[:] = True
+            shape[:h] = True
         elif labels[i] == 1:
-            shape[:] = True
-            shape[t:-t, t:-t] = False
+            shape[:, :h] = True
         else:
-            shape[mid, :] = True
-            shape[:, mid] = True
+            shape[:h, :h] = shape[h:, h:] = True
         region = images[i, r:r + obj, c:c + obj]
-        region[shape] = 1.0
-        region[~shape] = 0.0  # a dark ground, so the shape's outline is what tells the class
+        region[shape], region[~shape] = 1.0, 0.0
         boxes[i] = (r, c, r + obj, c + obj)
     rgb = np.repeat((images * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
     return rgb, labels, boxes
