@@ -222,7 +222,7 @@ def test_cli_bad_input_is_one_line(run: Path, tmp_path: Path, capsys: pytest.Cap
 
 
 # -- localisation: the gradient map must find the object the label depends on ---------------------
-def test_gradcam_points_at_the_object_after_training_lora() -> None:
+def test_localisation_gradcam_points_at_the_object_after_lora() -> None:
     """Half-white squares on noise (label = which half): after LoRA on real DeiT-Tiny at 64 px,
     Grad-CAM's peak must fall inside the object's box for most test images. A map that ignores
     the object scores about the box's area fraction (0.1); measured: top-1 0.87, pointing 0.53
