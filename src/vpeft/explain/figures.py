@@ -105,7 +105,8 @@ def attribution_figures(out: Path, summary: dict[str, Any], blocks: list[str],
     per_block: dict[str, np.ndarray] = {}
     heat: dict[str, tuple[list[str], np.ndarray]] = {}
     labels = {"update": "||dW|| / ||W||", "added_output": "added output / residual",
-              "prompt_mass": "attention mass on prompt/prefix tokens", "ablation": "loss change when off"}
+              "prompt_mass": "attention mass on prompt/prefix tokens",
+              "ablation": "loss change when off"}
     for key in ("update", "added_output"):
         values = summary.get(key)
         if not isinstance(values, dict):
