@@ -1,0 +1,72 @@
+"""Gradient-based class maps: Grad-CAM on the token grid or the last conv stage, and Captum's
+Integrated Gradients on the input pixels.
+
+Grad-CAM (Selvaraju et al., 2017) weighs each channel of a feature map by the mean gradient of the
+class score over it and keeps the positive sum. On a token model the feature map is the patch
+tokens entering the last block, laid out on the patch grid (the last block's output is useless:
+a class-token head reads no patch token there). On a CNN it is the feature map the head pools
+(``view.final_features``, else the last block's output).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vpeft.backbones.base import BackboneView
+from vpeft.explain.rollout import TokenLayout
+
+
+def _grid(act: torch.Tensor, view: BackboneView, layout: TokenLayout | None) -> torch.Tensor:
+    """A feature tensor as (B, C, H, W)."""
+    if act.ndim == 3 and layout is not None:  # tokens (B, N, D): the last P are the patches
+        patches = act[:, -layout.num_patches:]
+        return patches.transpose(1, 2).reshape(act.shape[0], -1, *layout.grid)
+    if act.ndim == 4 and view.block_dims and act.shape[-1] == view.block_dims[-1] \
+            and act.shape[1] != act.shape[-1]:  # channels-last stages (Swin): (B, H, W, C)
+        return act.permute(0, 3, 1, 2)
+    if act.ndim == 4:
+        return act
+    raise ValueError(f"cannot lay out a feature map of shape {tuple(act.shape)} on a grid")
+
+
+def gradcam(model: nn.Module, view: BackboneView, x: torch.Tensor, target: torch.Tensor,
+            layout: TokenLayout | None) -> torch.Tensor:
+    """(B, H, W) Grad-CAM of class ``target[b]`` for each image, on the feature grid."""
+    seen: list[torch.Tensor] = []
+    if layout is not None:  # the tokens entering the last block
+        module = model.get_submodule(view.blocks[-1])
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    else:
+        module = model.get_submodule(view.final_features or view.blocks[-1])
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            score = logits.gather(1, target.view(-1, 1)).sum()
+            act = seen[0]
+            (grad,) = torch.autograd.grad(score, act)
+    finally:
+        handle.remove()
+    act, grad = _grid(act.detach(), view, layout), _grid(grad, view, layout)
+    weights = grad.float().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    return (weights * act.float()).sum(dim=1).clamp_min(0)
+
+
+def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                         steps: int = 16) -> torch.Tensor:
+    """(B, H, W) Integrated Gradients (Sundararajan et al., 2017) of class ``target[b]`` on the
+    input, from a zero (mean-colour, after normalisation) baseline, summed |.| over channels.
+
+    Needs Captum (``pip install "vpeft[explain]"``).
+    """
+    try:
+        from captum.attr import IntegratedGradients
+    except ImportError as e:
+        raise ImportError("Integrated Gradients needs captum: pip install 'vpeft[explain]' "
+                          "(or pass ig_steps=0 / --ig-steps 0)") from e
+    ig = IntegratedGradients(model)
+    with torch.enable_grad():
+        attr = ig.attribute(x, baselines=torch.zeros_like(x), target=target, n_steps=steps,
+                            internal_batch_size=max(steps, 1))
+    return attr.detach().abs().sum(dim=1)
