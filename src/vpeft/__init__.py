@@ -43,7 +43,7 @@ _EXPORTS = {
     "make_config": "vpeft.registry",
     "register": "vpeft.registry",
 }
-_SUBPACKAGES = ("backbones", "bench", "core", "data", "engine", "methods", "registry")
+_SUBPACKAGES = ("backbones", "bench", "core", "data", "engine", "methods", "registry", "serve")
 
 __all__ = [  # literal, for tools; the same names as _EXPORTS
     "BackboneView", "CheckpointError", "Method", "MethodConfig", "MethodInfo", "MissingPartError",

@@ -75,6 +75,7 @@ def load_server(adapters: dict[str, str | os.PathLike], weights: str | None = No
     Every run must have been trained on that backbone at the same image size, so that one
     preprocessing is each run's own evaluation preprocessing.
     """
+    import vpeft
     from vpeft.engine.model import build_backbone
     from vpeft.engine.rundir import RunDir
     from vpeft.engine.runtime import seed_everything
@@ -89,17 +90,20 @@ def load_server(adapters: dict[str, str | os.PathLike], weights: str | None = No
                                     "(no config.yaml)")
         configs[name] = folder.read_config()
     first = next(iter(configs.values()))
+    heads = {n: vpeft.read_config(run)["base"]["num_classes"] for n, run in adapters.items()}
     model_name = backbone or first.model
     for name, c in configs.items():
         if c.model != model_name or c.img_size != first.img_size:
             raise ValueError(f"adapter {name} was trained on {c.model} at {c.img_size} px, not "
                              f"{model_name} at {first.img_size} px; serve it separately")
+        if not first.pretrained and (c.pretrained or c.seed != first.seed
+                                     or heads[name] != heads[next(iter(heads))]):
+            # a random init draws the head first: another class count is another backbone
+            raise ValueError(f"adapter {name} was not trained on the first one's random-init "
+                             "backbone (pretrained off: same seed and class count needed)")
     seed_everything(first.seed)  # a random-init backbone comes back as the runs saw it
-    import vpeft
-
-    num_classes = vpeft.read_config(next(iter(adapters.values())))["base"]["num_classes"]
-    base = build_backbone(model_name, num_classes, weights or first.weights, first.pretrained,
-                          first.img_size, first.model_args)
+    base = build_backbone(model_name, next(iter(heads.values())), weights or first.weights,
+                          first.pretrained, first.img_size, first.model_args)
     tasks = MultiTaskModel(base.eval())
     classes = {}
     for name, run in adapters.items():
