@@ -224,3 +224,48 @@ def test_a_mixed_task_batch_gives_each_image_its_own_tasks_logits():
             tasks(x, task=names[:-1])
         with pytest.raises(KeyError, match="no task 'cats'"):
             tasks(x, task=[*names[:-1], "cats"])
+
+
+# -- the same interface on one adapted model ------------------------------------------------------
+@pytest.mark.parametrize("kind, method, options", [
+    ("vit", "lora", {"rank": 2}), ("vit", "vpt-deep", {}), ("effnet", "visual-prompt", {}),
+], ids=["lora", "vpt-deep", "cnn-visual-prompt"])
+def test_disable_adapter_on_an_adapted_model_gives_the_base_model_exactly(kind, method, options):
+    model = vpeft.adapt(tiny_model(kind).eval(), method, **options)
+    randomize(model)  # the head too: disabled, the head is the base model's again
+    x = images()
+    with torch.no_grad():
+        adapted = model(x)
+        base = tiny_model(kind).eval()(x)
+        assert not torch.allclose(adapted, base)
+        with vpeft.disable_adapter(model) as plain:
+            torch.testing.assert_close(plain(x), base, rtol=0, atol=0)
+            assert vpeft.get_state(plain, required=False) is None
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+    assert vpeft.summary(model).trainable > 0
+
+
+def test_an_adapted_model_joins_a_multitask_model_with_its_base():
+    model = vpeft.adapt(tiny_model().eval(), "lora", rank=2)
+    randomize(model)
+    x = images()
+    with torch.no_grad():
+        alone = model(x)
+        tasks = MultiTaskModel.from_adapted(model)
+        assert tasks.active_adapter == "default" and tasks["default"] is model
+        assert tasks.backbone.blocks[0].attn.qkv.weight is model.blocks[0].attn.qkv.base.weight
+        torch.testing.assert_close(tasks(x), alone, rtol=0, atol=0)
+        randomize(tasks.add_adapter("other", "adapter"))
+        tasks.set_adapter("other")
+        torch.testing.assert_close(tasks(x), tasks["other"](x), rtol=0, atol=0)
+        with tasks.disable_adapter():
+            torch.testing.assert_close(tasks(x), tiny_model().eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shares its frozen weights"):
+        vpeft.merge(model, inplace=True)
+
+
+def test_disable_adapter_refuses_methods_that_train_the_backbone_in_place():
+    model = vpeft.adapt(tiny_model(), "bitfit")
+    with pytest.raises(ValueError, match="trains the backbone's own tensors in place"), \
+            vpeft.disable_adapter(model):
+        pass

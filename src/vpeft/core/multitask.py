@@ -41,7 +41,52 @@ from vpeft.core.checkpoint import (
 )
 from vpeft.core.combine import combine_into, combined_config
 from vpeft.core.config import MethodConfig
-from vpeft.core.state import adapt, get_state
+from vpeft.core.state import Rollback, adapt, get_state
+
+
+def _trained_in_place(model: nn.Module) -> list[str]:
+    """Names of the base tensors outside the head that ``model``'s method trains in place."""
+    state = get_state(model)
+    base = {id(p) for _, saved in state.before.modules
+            for p in saved["_parameters"].values() if p is not None}
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and id(p) in base and n not in state.head_keys]
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """A context in which the adapted ``model`` computes the base model exactly as
+    :func:`vpeft.adapt` found it (its head as it was then too); the adapter comes back after.
+
+    The module tree is put back as it was before the method changed it (every module's own
+    attributes, no tensor copied) and the head's saved copy stands in for the trained head.
+    Methods that train backbone tensors in place (BitFit's biases, ``full``) have lost the base
+    values: they are refused (a :class:`MultiTaskModel` keeps the backbone's own copy).
+    """
+    state = get_state(model)
+    if state.merged is not None:
+        raise ValueError("the model is merged: unmerge it to disable its adapter")
+    if state.before is None:
+        raise ValueError("this model does not know its base form (adapted by an older vpeft)")
+    changed = _trained_in_place(model)
+    if changed:
+        raise ValueError(f"'{state.config.method}' trains the backbone's own tensors in place "
+                         f"({', '.join(changed[:3])}...), so the base values are gone; use a "
+                         "MultiTaskModel of the base model, which keeps them")
+    mode = {m: m.training for m in model.modules()}
+    now = Rollback(model)
+    try:
+        state.before.restore()
+        for module in mode:  # the tree as it was, in today's train/eval mode
+            module.training = mode[module]
+        for key, saved in state.base_head.items():
+            path, _, name = key.rpartition(".")
+            owner = model.get_submodule(path)
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            table[name] = nn.Parameter(saved.to(table[name]), requires_grad=False)
+        yield model
+    finally:
+        now.restore()
 
 
 class MultiTaskModel(nn.Module):
@@ -66,15 +111,33 @@ class MultiTaskModel(nn.Module):
         self.active_adapter: str | None = None  # the task forward(x) runs; see set_adapter
         self._disabled = False
 
+    @classmethod
+    def from_adapted(cls, model: nn.Module, name: str = "default") -> MultiTaskModel:
+        """A MultiTaskModel whose backbone is ``model``'s base (as :func:`disable_adapter`
+        computes it, sharing its frozen tensors) and whose task ``name`` is ``model`` itself,
+        made active: the PEFT-like interface for an adapted model."""
+        with disable_adapter(model):
+            base = copy.deepcopy(model, memo={id(t): t for t in
+                                              model.state_dict(keep_vars=True).values()})
+        tasks = cls(base)
+        tasks._check_name(name)
+        get_state(model).shares_base = True
+        tasks.tasks[name] = model
+        tasks.active_adapter = name
+        return tasks
+
     # -- building tasks --------------------------------------------------------------------------
     def _shared(self) -> dict[int, torch.Tensor]:
         return {id(t): t for t in self.backbone.state_dict(keep_vars=True).values()}
 
-    def _new_task(self, name: str, num_classes: int | None) -> nn.Module:
+    def _check_name(self, name: str) -> None:
         if not name or "." in name:
             raise ValueError(f"task name must be non-empty and without '.', got {name!r}")
         if name in self.tasks:
             raise ValueError(f"task {name!r} exists already; remove it first")
+
+    def _new_task(self, name: str, num_classes: int | None) -> nn.Module:
+        self._check_name(name)
         model = copy.deepcopy(self.backbone, memo=dict(self._shared()))
         if num_classes is not None and num_classes != getattr(model, "num_classes", None):
             reset = getattr(model, "reset_classifier", None)
