@@ -242,6 +242,10 @@ def test_disable_adapter_on_an_adapted_model_gives_the_base_model_exactly(kind, 
             torch.testing.assert_close(plain(x), base, rtol=0, atol=0)
             assert vpeft.get_state(plain, required=False) is None
         torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+        model.double()  # moved after adapt(): buffers (BatchNorm statistics) follow
+        with vpeft.disable_adapter(model) as plain:
+            torch.testing.assert_close(plain(x.double()), tiny_model(kind).eval().double()(
+                x.double()), rtol=0, atol=0)
     assert vpeft.summary(model).trainable > 0
 
 

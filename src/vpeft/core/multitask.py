@@ -77,13 +77,21 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     now = Rollback(model)
     try:
         state.before.restore()
-        for module in mode:  # the tree as it was, in today's train/eval mode
+        current = dict(now.modules)
+        for module, _ in state.before.modules:  # the tree as it was, in today's mode ...
             module.training = mode[module]
-        for key, saved in state.base_head.items():
+            buffers = current[module]["_buffers"]  # ... with its buffers as moved since
+            module._buffers.update({k: buffers[k] for k in module._buffers if k in buffers})
+        for key, saved in state.base_head.items():  # the head's values from before training
             path, _, name = key.rpartition(".")
             owner = model.get_submodule(path)
-            table = owner._parameters if name in owner._parameters else owner._buffers
-            table[name] = nn.Parameter(saved.to(table[name]), requires_grad=False)
+            kind = "_parameters" if name in owner._parameters else "_buffers"
+            like = current[owner][kind][name]  # the trained tensor: today's device and dtype
+            value = saved.to(like)
+            if kind == "_parameters":
+                value = nn.Parameter(value, requires_grad=False)
+            # a new table: the saved one must keep the model's own tensor
+            owner.__dict__[kind] = {**owner.__dict__[kind], name: value}
         yield model
     finally:
         now.restore()
