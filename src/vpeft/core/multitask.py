@@ -77,16 +77,18 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     now = Rollback(model)
     try:
         state.before.restore()
+        for p, flag in now.flags:  # today's requires_grad: the frozen base stays frozen
+            p.requires_grad_(flag)
         current = dict(now.modules)
         for module, _ in state.before.modules:  # the tree as it was, in today's mode ...
-            module.training = mode[module]
-            buffers = current[module]["_buffers"]  # ... with its buffers as moved since
+            module.training = mode.get(module, module.training)
+            buffers = current.get(module, {}).get("_buffers", {})  # ... and moved buffers
             module._buffers.update({k: buffers[k] for k in module._buffers if k in buffers})
         for key, saved in state.base_head.items():  # the head's values from before training
             path, _, name = key.rpartition(".")
             owner = model.get_submodule(path)
             kind = "_parameters" if name in owner._parameters else "_buffers"
-            like = current[owner][kind][name]  # the trained tensor: today's device and dtype
+            like = current.get(owner, owner.__dict__)[kind][name]  # today's device and dtype
             value = saved.to(like)
             if kind == "_parameters":
                 value = nn.Parameter(value, requires_grad=False)
