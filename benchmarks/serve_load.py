@@ -141,6 +141,34 @@ async def load(url: str, tasks: list[str], images: list[bytes], clients: int, pe
             "mean_batch": (after["requests"] - before["requests"]) / max(batches, 1)}
 
 
+def compute_ratios(runs: list[tuple[str, Path]], images: list[bytes], batch: int,
+                   repeats: int) -> dict:
+    """In-process model time (no HTTP), interleaved: ``batch`` requests as ``batch`` single-image
+    forwards, as one batch of one task, and as one mixed batch over every task (medians, s)."""
+    import torch
+
+    from vpeft.serve.app import load_server
+    from vpeft.serve.predict import decode_image
+
+    server = load_server(dict(runs))
+    names = [n for n, _ in runs]
+    items = [(server.transform(decode_image(images[i % len(images)])), 1) for i in range(batch)]
+    cases = {"single": lambda: [server.predict([names[0]], [it]) for it in items],
+             "one_task_batch": lambda: server.predict([names[0]] * batch, items),
+             "mixed_batch": lambda: server.predict(
+                 [names[i % len(names)] for i in range(batch)], items)}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for k in cases:  # warm-up
+        cases[k]()
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {"batch": batch, "threads": torch.get_num_threads(),
+            **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="folder for the adapter runs")
@@ -151,10 +179,21 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16, help="requests per client")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--out", type=Path, help="also write the results as JSON")
+    p.add_argument("--compute-only", type=int, metavar="BATCH",
+                   help="only the in-process model time of BATCH requests (no server)")
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     runs = make_runs(args.work, args.tasks, args.weights)
     lines = (IMAGES / "test.txt").read_text().splitlines()[:64]
     images = [(IMAGES / line.split()[0]).read_bytes() for line in lines]
+    if args.compute_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        r = compute_ratios(runs, images, args.compute_only, args.repeats)
+        r["load"] = os.getloadavg()
+        print(json.dumps(r))
+        return
     names = [n for n, _ in runs]
     results: dict = {"load": [], "rss_mib": {}, "uptime": os.getloadavg()}
 
