@@ -202,3 +202,14 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, path,
     assert message in str(got.json()["detail"])
     ok = client.post("/predict/digits", files={"file": ("x.png", png(), "image/png")})
     assert ok.status_code == 200 and client.get("/health").status_code == 200
+
+
+def test_serve_command_names_bad_adapters(runs, tmp_path, capsys):
+    assert main(["serve", "--adapter", f"a={tmp_path}"]) == 2
+    assert "is not a vpeft run folder" in capsys.readouterr().err
+    assert main(["serve", "--adapter", f"a={runs['lora']}", "--adapter",
+                 f"a={runs['bitfit']}"]) == 2
+    assert "given once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--adapter", "no-equals-sign"])
+    assert "expected NAME=RUN_FOLDER" in capsys.readouterr().err
