@@ -123,3 +123,153 @@ def test_same_class_count_head_is_owned_per_task():
     heads = {id(m.head.weight) for m in (a, b, tasks.backbone)}
     assert len(heads) == 3
     assert a.head.weight.shape == (NUM_CLASSES, TINY_DIMS["embed_dim"])
+
+
+# -- the PEFT-like interface ----------------------------------------------------------------------
+def test_set_adapter_switches_outputs_and_disable_gives_the_base_model_exactly():
+    tasks = two_tasks()
+    x = images()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="no active adapter"):
+            tasks(x)
+        tasks.set_adapter("digits")
+        torch.testing.assert_close(tasks(x), tasks["digits"](x), rtol=0, atol=0)
+        tasks.set_adapter("pets")
+        assert tasks.active_adapter == "pets"
+        torch.testing.assert_close(tasks(x), tasks["pets"](x), rtol=0, atol=0)
+        base = tiny_model().eval()(x)  # the untouched backbone, its own head included
+        assert not torch.equal(tasks(x, "digits")[:, :NUM_CLASSES], base)
+        with tasks.disable_adapter():
+            torch.testing.assert_close(tasks(x), base, rtol=0, atol=0)
+            torch.testing.assert_close(tasks(x, task="digits"), base, rtol=0, atol=0)
+        torch.testing.assert_close(tasks(x), tasks["pets"](x), rtol=0, atol=0)  # back on
+    with pytest.raises(KeyError, match="no task 'cats'"):
+        tasks.set_adapter("cats")
+
+
+def test_delete_adapter_frees_its_tensors():
+    import gc
+    import weakref
+
+    tasks = two_tasks()
+    tasks.set_adapter("digits")
+    gone = weakref.ref(tasks["digits"].blocks[0].attn.qkv.lora_A)
+    before = sum(p.numel() for p in tasks.parameters())
+    own = tasks.parameter_counts()["digits"]
+    tasks.delete_adapter("digits")
+    gc.collect()
+    assert gone() is None and tasks.names == ["pets"] and tasks.active_adapter is None
+    assert sum(p.numel() for p in tasks.parameters()) == before - own
+    assert tasks(images(), "pets").shape == (3, 37)
+
+
+def _deltas(tasks: MultiTaskModel, name: str) -> dict[str, torch.Tensor]:
+    """Every weight's change by task ``name``'s merged update (head excluded)."""
+    merged = vpeft.merge(tasks[name]).state_dict()
+    base, view = tasks.backbone.state_dict(), vpeft.get_view(tasks.backbone)
+    return {k: merged[k] - v for k, v in base.items()
+            if k in merged and v.is_floating_point() and not view.in_head(k)}
+
+
+@pytest.mark.parametrize("kind, options", [("vit", {}), ("vit", {"qkv": "qv"}),
+                                           ("resnext", {})], ids=["fused", "qv", "grouped-conv"])
+def test_weighted_lora_combination_equals_the_weighted_sum_of_the_updates(kind, options):
+    tasks = MultiTaskModel(tiny_model(kind).eval())
+    randomize(tasks.add("a", "lora", rank=2, **options))
+    randomize(tasks.add("b", "lora", rank=3, alpha=1.5, **options))
+    tasks.eval()
+    mix = tasks.add_weighted_adapter(["a", "b"], [0.7, -1.3], "mix", head_from="b")
+    assert vpeft.get_state(mix).config.rank == 5
+    a, b, got = _deltas(tasks, "a"), _deltas(tasks, "b"), _deltas(tasks, "mix")
+    changed = [k for k in got if a[k].abs().max() > 0]
+    assert changed, "the LoRA updates reach no weight"
+    for k in got:
+        torch.testing.assert_close(got[k], 0.7 * a[k] - 1.3 * b[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mix.state_dict()[_head(mix)], tasks["b"].state_dict()[_head(mix)])
+
+
+def _head(model: torch.nn.Module) -> str:
+    return sorted(vpeft.get_state(model).head_keys)[0]
+
+
+def test_weighted_combination_refuses_what_it_cannot_express():
+    tasks = two_tasks()
+    randomize(tasks.add("qv", "lora", rank=2, qkv="qv", num_classes=10))
+    with pytest.raises(ValueError, match="only LoRA adapters"):
+        tasks.add_weighted_adapter(["digits", "pets"], [1, 1], "x")
+    with pytest.raises(ValueError, match="differ in qkv"):
+        tasks.add_weighted_adapter(["digits", "qv"], [1, 1], "x")
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        tasks.add_weighted_adapter(["digits"], [1, 2], "x")
+    assert "x" not in tasks.names
+
+
+# -- mixed-task batches ---------------------------------------------------------------------------
+def test_a_mixed_task_batch_gives_each_image_its_own_tasks_logits():
+    tasks = two_tasks()
+    randomize(tasks.add("prompts", "vpt-deep", num_classes=4))
+    tasks.eval()
+    x = images(6)
+    names = ["pets", "digits", "prompts", "digits", "pets", "digits"]
+    with torch.no_grad():
+        out = tasks(x, task=names)
+        assert [o.shape[0] for o in out] == [37, 10, 4, 10, 37, 10]
+        for name in set(names):
+            index = [i for i, n in enumerate(names) if n == name]
+            alone = tasks(x[index], task=name)  # the task run alone on its images
+            for j, i in enumerate(index):
+                torch.testing.assert_close(out[i], alone[j], rtol=0, atol=0)
+                torch.testing.assert_close(out[i], tasks(x[i : i + 1], task=name)[0])
+        with pytest.raises(ValueError, match="one per image"):
+            tasks(x, task=names[:-1])
+        with pytest.raises(KeyError, match="no task 'cats'"):
+            tasks(x, task=[*names[:-1], "cats"])
+
+
+# -- the same interface on one adapted model ------------------------------------------------------
+@pytest.mark.parametrize("kind, method, options", [
+    ("vit", "lora", {"rank": 2}), ("vit", "vpt-deep", {}), ("effnet", "visual-prompt", {}),
+], ids=["lora", "vpt-deep", "cnn-visual-prompt"])
+def test_disable_adapter_on_an_adapted_model_gives_the_base_model_exactly(kind, method, options):
+    model = vpeft.adapt(tiny_model(kind).eval(), method, **options)
+    randomize(model)  # the head too: disabled, the head is the base model's again
+    x = images()
+    with torch.no_grad():
+        adapted = model(x)
+        base = tiny_model(kind).eval()(x)
+        assert not torch.allclose(adapted, base)
+        with vpeft.disable_adapter(model) as plain:
+            torch.testing.assert_close(plain(x), base, rtol=0, atol=0)
+            assert vpeft.get_state(plain, required=False) is None
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+        model.double()  # moved after adapt(): buffers (BatchNorm statistics) follow
+        with vpeft.disable_adapter(model) as plain:
+            torch.testing.assert_close(plain(x.double()), tiny_model(kind).eval().double()(
+                x.double()), rtol=0, atol=0)
+    assert vpeft.summary(model).trainable > 0
+
+
+def test_an_adapted_model_joins_a_multitask_model_with_its_base():
+    model = vpeft.adapt(tiny_model().eval(), "lora", rank=2)
+    randomize(model)
+    x = images()
+    with torch.no_grad():
+        alone = model(x)
+        tasks = MultiTaskModel.from_adapted(model)
+        assert tasks.active_adapter == "default" and tasks["default"] is model
+        assert tasks.backbone.blocks[0].attn.qkv.weight is model.blocks[0].attn.qkv.base.weight
+        torch.testing.assert_close(tasks(x), alone, rtol=0, atol=0)
+        randomize(tasks.add_adapter("other", "adapter"))
+        tasks.set_adapter("other")
+        torch.testing.assert_close(tasks(x), tasks["other"](x), rtol=0, atol=0)
+        with tasks.disable_adapter():
+            torch.testing.assert_close(tasks(x), tiny_model().eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shares its frozen weights"):
+        vpeft.merge(model, inplace=True)
+
+
+def test_disable_adapter_refuses_methods_that_train_the_backbone_in_place():
+    model = vpeft.adapt(tiny_model(), "bitfit")
+    with pytest.raises(ValueError, match="trains the backbone's own tensors in place"), \
+            vpeft.disable_adapter(model):
+        pass

@@ -28,6 +28,7 @@ _EXPORTS = {
     "MethodConfig": "vpeft.core.config",
     "Method": "vpeft.core.method",
     "MultiTaskModel": "vpeft.core.multitask",
+    "disable_adapter": "vpeft.core.multitask",
     "Summary": "vpeft.core.state",
     "adapt": "vpeft.core.state",
     "adapter_state_dict": "vpeft.core.state",
@@ -44,14 +45,15 @@ _EXPORTS = {
     "register": "vpeft.registry",
 }
 _SUBPACKAGES = (
-    "backbones", "bench", "core", "data", "engine", "explain", "methods", "registry",
+    "backbones", "bench", "core", "data", "engine", "explain", "methods", "registry", "serve",
 )
 
 __all__ = [  # literal, for tools; the same names as _EXPORTS
     "BackboneView", "CheckpointError", "Method", "MethodConfig", "MethodInfo", "MissingPartError",
     "MultiTaskModel", "NotMergeableError", "Summary", "TargetNotFoundError", "adapt",
-    "adapter_state_dict", "get_method", "get_state", "get_view", "list_methods", "load",
-    "make_config", "merge", "read_config", "register", "save", "summary", "unmerge",
+    "adapter_state_dict", "disable_adapter", "get_method", "get_state", "get_view",
+    "list_methods", "load", "make_config", "merge", "read_config", "register", "save", "summary",
+    "unmerge",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
@@ -59,7 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from vpeft.core.checkpoint import CheckpointError, load, read_config, save
     from vpeft.core.config import MethodConfig
     from vpeft.core.method import Method
-    from vpeft.core.multitask import MultiTaskModel
+    from vpeft.core.multitask import MultiTaskModel, disable_adapter
     from vpeft.core.state import (
         Summary,
         adapt,

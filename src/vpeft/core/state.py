@@ -37,6 +37,10 @@ class AdapterState:
     head_keys: set[str] = field(default_factory=set)
     merged: dict[str, Wrapper] | None = None  # wrappers taken out by merge(), for unmerge()
     shares_base: bool = False  # a task of a MultiTaskModel: its frozen tensors are shared
+    # the module tree as adapt() found it (no tensor copied) and copies of the head's tensors,
+    # which training changes in place: what vpeft.disable_adapter() computes with
+    before: Rollback | None = field(default=None, repr=False)
+    base_head: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def _check_inplace(state: AdapterState, inplace: bool, what: str) -> None:
@@ -132,6 +136,8 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     view = get_view(model)
     base = base_identity(model)
     base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    heads = head_state_keys(model, view.heads) if config.train_head else set()
+    base_head = {k: v.detach().clone() for k, v in model.state_dict().items() if k in heads}
     rollback = Rollback(model)
     try:
         _apply(model, impl, view, base_tensors)
@@ -142,7 +148,8 @@ def adapt(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     added = {k for k, t in current.items() if id(t) not in base_tensors}
     # head names as they are now (a method may wrap the head)
     head_now = {k for k in current if view.in_head(k)}
-    model.__dict__[STATE_ATTR] = AdapterState(impl, config, base, added, head_now)
+    model.__dict__[STATE_ATTR] = AdapterState(impl, config, base, added, head_now,
+                                              before=rollback, base_head=base_head)
     return model
 
 
