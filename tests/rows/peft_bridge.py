@@ -17,12 +17,13 @@ ROWS: list[Row] = []
 
 
 def _linears(d: Dims) -> list[tuple[int, int]]:
-    """(out, in) of every Linear inside the blocks."""
+    """(out, in) of every Linear inside the blocks that reads or writes the block's width."""
     import vpeft
 
-    blocks = vpeft.get_view(d.model).blocks
-    return [(m.out_features, m.in_features) for n, m in d.model.named_modules()
-            if isinstance(m, nn.Linear) and any(n.startswith(b + ".") for b in blocks)]
+    view = vpeft.get_view(d.model)
+    return [(m.out_features, m.in_features) for b, w in zip(view.blocks, view.block_dims)
+            for m in d.model.get_submodule(b).modules()
+            if isinstance(m, nn.Linear) and w in (m.in_features, m.out_features)]
 
 
 def _convs(d: Dims) -> list[nn.Conv2d]:

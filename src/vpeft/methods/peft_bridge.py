@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vpeft.backbones.base import BackboneView
+from vpeft.backbones.base import BackboneView, MissingPartError
 from vpeft.core.config import MethodConfig
 from vpeft.core.method import Method
 from vpeft.core.surgery import NotMergeableError, replace_module
@@ -168,7 +168,13 @@ class PeftTuner(Method):
             peft_config = peft_cls(**options)
         except (TypeError, ValueError) as e:
             raise ValueError(f"method '{self.name}': PEFT refused the options: {e}") from None
-        tuner_cls(model, peft_config, adapter_name="default")  # injects in place
+        try:
+            tuner_cls(model, peft_config, adapter_name="default")  # injects in place
+        except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
+            # PEFT refuses a layer type or size (VeRA on convs, OFT blocks that do not divide)
+            message = " ".join(str(e).split())
+            raise MissingPartError(f"PEFT's {self.tuner} needs target layers it supports, with "
+                                   f"these options: {message}", part="target_modules") from e
         _save_shared_once(model)
         self.measure(model)
 
@@ -188,12 +194,17 @@ class PeftTuner(Method):
     @staticmethod
     def default_targets(model: nn.Module, view: BackboneView,
                         within: str | None = None) -> list[str]:
-        """Every Linear inside the blocks (attention and MLP), or on a backbone whose blocks hold
+        """Every Linear inside the blocks that reads or writes the block's token width (attention
+        and MLP projections, not SwinV2's position-bias MLP), or on a backbone whose blocks hold
         none (a CNN) the block convs; never the head."""
         view.require("blocks", method=PREFIX)
-        roots = [within] if within else view.blocks
-        found = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and any(n.startswith(r + ".") for r in roots)]
+        found = []
+        for block, width in zip(view.blocks, view.block_dims or [0] * len(view.blocks)):
+            root = within if within and within.startswith(block + ".") else block
+            if within and root != within:
+                continue
+            found += [f"{root}.{n}" for n, m in model.get_submodule(root).named_modules()
+                      if isinstance(m, nn.Linear) and width in (m.in_features, m.out_features)]
         if not found and not within:
             found = [c for c in view.convs if model.get_submodule(c).groups == 1]
         return [p for p in found if not view.in_head(p)]
@@ -207,14 +218,21 @@ class PeftTuner(Method):
             return
         zero, mergeable, plain = True, True, True
         g = torch.Generator().manual_seed(0)
-        kinds: dict[tuple[type, type], nn.Module] = {}
-        for _, layer in tuner_layers(model):
-            kinds.setdefault((type(layer), type(layer.get_base_layer())), layer)
-        for layer in kinds.values():
+        kinds: dict[tuple, tuple[str, nn.Module]] = {}
+        for path, layer in tuner_layers(model):
+            base = layer.get_base_layer()
+            kinds.setdefault((type(layer), type(base), repr(base)), (path, layer))
+        for path, layer in kinds.values():
             layer = copy.deepcopy(layer).float().eval()
             base = copy.deepcopy(layer.get_base_layer())
             x = _probe_input(base, g)
-            zero &= torch.allclose(layer(x), base(x), rtol=1e-5, atol=1e-6)
+            try:
+                zero &= torch.allclose(layer(x), base(x), rtol=1e-5, atol=1e-6)
+                if isinstance(base, nn.Conv2d):  # the smallest maps of a CNN's last stage
+                    layer(torch.randn(1, base.in_channels, 2, 2, generator=g))
+            except RuntimeError as e:
+                raise MissingPartError(f"PEFT's {self.tuner} needs target layers it can run; it "
+                                       f"fails on {path} ({base}): {e}", part=path) from e
             for p in layer.parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn(p.shape, generator=g))
