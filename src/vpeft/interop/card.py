@@ -17,6 +17,7 @@ from typing import Any
 CARD_NAME = "README.md"
 MARKER = "<!-- vpeft model card: rewritten by vpeft; remove this line to keep your own text -->"
 RESULTS_NAME = "results.json"  # what a run folder holds beside its adapter (engine.rundir)
+RUN_CONFIG_NAME = "config.yaml"
 # results.json fields shown, in this order, when present
 _RESULT_FIELDS = ("data", "train_split", "split", "top1", "eval_loss", "eval_images", "epochs",
                   "batch_size", "lr", "seed", "img_size", "trainable_params",
@@ -42,7 +43,7 @@ def _previous_command(path: Path) -> str | None:
 
 
 def render_card(meta: dict[str, Any], results: dict[str, Any] | None, command: str | None,
-                note: str = "") -> str:
+                note: str = "", reproduce: str = "") -> str:
     """The card's Markdown for adapter metadata ``meta`` (vpeft's ``adapter_config.json``)."""
     base, config = meta.get("base", {}), meta.get("config", {})
     arch = base.get("architecture", "?")
@@ -63,8 +64,10 @@ def render_card(meta: dict[str, Any], results: dict[str, Any] | None, command: s
         lines += ["## Data and metrics", "", "| field | value |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(results[k])} |" for k in _RESULT_FIELDS if k in results]
         lines.append("")
-    lines += ["## Command", "", "```", command or "(not recorded)", "```", "",
-              "## Use", "", "```python", "import timm, vpeft",
+    lines += ["## Command", "", "```", command or "(not recorded)", "```", ""]
+    if reproduce:
+        lines += [f"Reproduce it from this folder's resolved config: `{reproduce}`", ""]
+    lines += ["## Use", "", "```python", "import timm, vpeft",
               f"model = timm.create_model({arch!r}, pretrained=True, "
               f"num_classes={base.get('num_classes')})",
               "model = vpeft.load(model, 'THIS_FOLDER')", "```", ""]
@@ -96,5 +99,7 @@ def write_card(directory: str | Path, command: str | None = None, note: str = ""
     results_path = folder / RESULTS_NAME
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     command = command or _previous_command(path) or current_command()
-    atomic_write_text(path, render_card(meta, results, command, note))
+    run_config = folder / RUN_CONFIG_NAME
+    reproduce = f"vpeft train --config {RUN_CONFIG_NAME}" if run_config.is_file() else ""
+    atomic_write_text(path, render_card(meta, results, command, note, reproduce))
     return path

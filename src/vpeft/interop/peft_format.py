@@ -55,7 +55,7 @@ class NotExpressibleError(ValueError):
 
 
 def is_peft_folder(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds a Hugging Face PEFT adapter (its config names a ``peft_type``)."""
+    """Whether ``directory`` holds a Hugging Face PEFT adapter (its config has a ``peft_type``)."""
     path = Path(directory) / PEFT_CONFIG
     if not path.is_file():
         return False

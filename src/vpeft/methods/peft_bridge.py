@@ -1,12 +1,13 @@
-"""``hf:<tuner>``: Hugging Face PEFT's tuners (LoRA, LoHa, LoKr, OFT, BOFT, IA3, VeRA, FourierFT ...)
-as vpeft methods, on the same timm model, data, engine and benchmarks as vpeft's own.
+"""``hf:<tuner>``: Hugging Face PEFT's tuners (LoRA, LoHa, LoKr, OFT, BOFT, IA3, VeRA,
+FourierFT ...) as vpeft methods, on the same timm model, data, engine and benchmarks as vpeft's.
 
-Each tuner is injected through PEFT's own tuner class (``LoraModel(model, config, "default")``, what
-``peft.inject_adapter_in_model`` and ``get_peft_model`` do). ``--method-args`` go to that tuner's
-config (``hf:lora`` takes ``r``, ``lora_alpha``, ``use_dora`` ...; an unknown key is refused with the
-tuner's keys). ``target_modules`` defaults to what the backbone view says: every Linear inside the
-blocks (attention and MLP) on a transformer, the block convs on a CNN; the classifier head is never
-a target. Patterns given by the user are vpeft's (glob on the dotted name or its suffix, ``re:``).
+Each tuner is injected through PEFT's own tuner class (``LoraModel(model, config, "default")``,
+what ``peft.inject_adapter_in_model`` and ``get_peft_model`` do). ``--method-args`` go to that
+tuner's config (``hf:lora`` takes ``r``, ``lora_alpha``, ``use_dora`` ...; an unknown key is
+refused with the tuner's keys). ``target_modules`` defaults to what the backbone view says: the
+attention and MLP Linears of the blocks on a transformer, the block convs on a CNN; the classifier
+head is never a target. Patterns given by the user are vpeft's (glob on the dotted name or its
+suffix, ``re:``).
 
 A tuner's characteristics are measured, never claimed: after ``apply`` one injected layer of each
 kind is copied, its adapter tensors set to random values, and it is compared with its base before
