@@ -14,7 +14,7 @@ from vpeft.cli import main
 from vpeft.engine.evaluate import load_run
 from vpeft.engine.rundir import RunDir
 
-from conftest import IMG, TINY_DIMS, tiny_model
+from conftest import IMG, TINY_DIMS, WEIGHTS, real_deit, tiny_model
 
 peft = pytest.importorskip("peft", reason="hf:<tuner> and PEFT folders need the peft package")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -165,3 +165,24 @@ def _plain(model: torch.nn.Module) -> torch.nn.Module:
         replace_module(model, path, w.base)
     model.__dict__.pop(STATE_ATTR)
     return model
+
+
+def test_eval_runs_a_peft_folder_as_peft_computes_it(tmp_path, capsys):
+    from vpeft.data import data_config, eval_transform, open_dataset
+
+    model = vpeft.adapt(real_deit(num_classes=3), "lora", rank=2, qkv="qv")  # skips without
+    perturb(model)
+    export_peft(model.eval(), tmp_path / "peft")
+    data = write_list_dataset(tmp_path / "data", {"train800": 2, "val200": 2, "test": 4},
+                              classes=3)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "peft"), "--data", str(data), "--weights",
+                 str(WEIGHTS), "--predictions", "--num-workers", "0", "--cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    theirs = PeftModel.from_pretrained(real_deit(num_classes=3), str(tmp_path / "peft")).eval()
+    dataset = open_dataset(str(data), "test")
+    dataset.transform = eval_transform(data_config(theirs.base_model.model, None))
+    with torch.no_grad():
+        expected = [theirs(dataset[i][0][None]).argmax(-1).item() for i in range(len(dataset))]
+    assert result["predictions"] == expected and result["method"] == "hf:lora"
+

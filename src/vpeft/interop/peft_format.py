@@ -252,3 +252,31 @@ def _peft_names(model: nn.Module) -> dict[str, str]:
         names[saved] = k
         names.setdefault(saved.removesuffix(".weight"), k)
     return names
+
+
+def load_peft_run(directory: str | os.PathLike, data: str | None, weights: str | None):
+    """What ``vpeft eval --run`` needs from a PEFT adapter folder: the timm model it names
+    (``base_model_name_or_path``, with ``weights`` as its pretrained file) with the adapter
+    loaded, and a config for evaluating it on ``data``. Returns ``(model, config, None)``."""
+    from vpeft.engine.config import TrainConfig
+    from vpeft.engine.model import build_backbone
+
+    folder = Path(directory)
+    cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    arch = str(cfg.get("base_model_name_or_path") or "").removeprefix("timm/")
+    if not arch:
+        raise CheckpointError(f"the PEFT adapter at {folder} names no base model "
+                              "(base_model_name_or_path); load it with vpeft.load instead")
+    if data is None:
+        raise ValueError(f"{folder} is a PEFT adapter folder, which names no data: pass --data")
+    tensors = load_file(str(folder / PEFT_WEIGHTS))
+    heads = [v for k, v in tensors.items() if k.endswith(".weight")
+             and _local(k).removesuffix(".weight") in (cfg.get("modules_to_save") or [])]
+    num_classes = heads[0].shape[0] if heads else 1000  # timm's ImageNet head
+    method = f"hf:{str(cfg['peft_type']).lower().replace('_', '-')}"
+    config = TrainConfig(model=arch, data=str(data), method=method, out=str(folder),
+                         weights=weights)
+    model = build_backbone(arch, num_classes, weights, True, None, {})
+    load_peft(model, folder)
+    return model, config, None
+
