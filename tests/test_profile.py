@@ -97,7 +97,7 @@ def test_hf_lora_matches_vpeft_lora_on_full_qkv():
     """The peer baseline computes the same function as vpeft's lora given the same factors."""
     pytest.importorskip("peft", reason="hf:lora needs the optional peft package")
     ours = vpeft.adapt(tiny_model(), "lora", rank=2, qkv="qkv")
-    theirs = vpeft.adapt(tiny_model(), "hf-lora", r=2, target_modules="qkv")  # the old name
+    theirs = vpeft.adapt(tiny_model(), "hf-lora", r=2, lora_alpha=2, target_modules="qkv")
     with torch.no_grad():
         for i in range(2):
             mine = ours.blocks[i].attn.qkv

@@ -166,7 +166,8 @@ def export_peft(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fals
     options = peft_lora_config(model)
     state = get_state(model)
     plain = _plain_copy(model, layers)
-    config = LoraConfig(**options, base_model_name_or_path=state.base["architecture"])
+    plain.name_or_path = state.base["architecture"]  # what PEFT writes as base_model_name_or_path
+    config = LoraConfig(**options)
     peft_model = get_peft_model(plain, config)
     _copy_into_peft(layers, peft_model)
     heads = options["modules_to_save"] or []
