@@ -177,7 +177,7 @@ class PeftTuner(Method):
             raise MissingPartError(f"PEFT's {self.tuner} needs target layers it supports, with "
                                    f"these options: {message}", part="target_modules") from e
         _save_shared_once(model)
-        self.measure(model)
+        self.measure(model, view)
 
     def resolve(self, model: nn.Module, view: BackboneView, key: str,
                 patterns: list[str] | None) -> list[str] | None:
@@ -211,7 +211,7 @@ class PeftTuner(Method):
         return [p for p in found if not view.in_head(p)]
 
     @torch.no_grad()
-    def measure(self, model: nn.Module) -> None:
+    def measure(self, model: nn.Module, view: BackboneView | None = None) -> None:
         """Set zero_init, mergeable, structure_preserving and inference_overhead on this
         instance from one injected layer of each kind, copied, so the model is untouched."""
         if any(p.is_meta for p in model.parameters()):  # no values to compare: the probe's
@@ -226,7 +226,7 @@ class PeftTuner(Method):
         for path, layer in kinds.values():
             layer = copy.deepcopy(layer).float().eval()
             base = copy.deepcopy(layer.get_base_layer())
-            x = _probe_input(base, g)
+            x = _probe_input(base, g, view is None or view.sequence_tokens)
             try:
                 zero &= torch.allclose(layer(x), base(x), rtol=1e-5, atol=1e-6)
                 if isinstance(base, nn.Conv2d):  # the smallest maps of a CNN's last stage
@@ -305,11 +305,14 @@ def _save_shared_once(model: nn.Module) -> None:
             m._non_persistent_buffers_set.update(m._buffers)
 
 
-def _probe_input(base: nn.Module, g: torch.Generator) -> torch.Tensor:
+def _probe_input(base: nn.Module, g: torch.Generator, tokens: bool) -> torch.Tensor:
+    """Random input of ``base``'s kind: maps for a conv; for a Linear, token sequences (B, N, C)
+    or, on a backbone whose blocks run on maps, channels-last maps (B, H, W, C)."""
     if isinstance(base, nn.Conv2d):
         side = 2 * max(base.kernel_size) + 3
         return torch.randn(2, base.in_channels, side, side, generator=g)
-    return torch.randn(4, base.in_features, generator=g)
+    shape = (2, 3) if tokens else (2, 2, 2)
+    return torch.randn(*shape, base.in_features, generator=g)
 
 
 def tuner_method(tuner: str) -> type[PeftTuner]:
