@@ -31,7 +31,7 @@ WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.fb_in1k.safetensors"
 FORMS: dict[str, tuple[str, dict[str, Any]]] = {
     "qv (paper)": ("lora", {"qkv": "qv"}),
     "fused qkv, shared A": ("lora", {"qkv": "fused"}),
-    "hf-lora": ("hf-lora", {}),
+    "hf-lora": ("hf:lora", {"target_modules": ("qkv",)}),
     "q,k,v r=8 (1.5x params)": ("lora", {"qkv": "qkv"}),
     "qv alpha=2r": ("lora", {"qkv": "qv", "alpha": 16.0}),
     "fused alpha=2r": ("lora", {"qkv": "fused", "alpha": 16.0}),

@@ -14,7 +14,6 @@ import vpeft
 from vpeft.bench.runner import available
 from vpeft.bench.suites import MethodEntry
 from vpeft.engine.evolution import evolution_search
-from vpeft.methods.hf_lora import HFLoRA
 from vpeft.methods.unified.glora import GLoRAConfig, SuperGLoRALinear
 from vpeft.methods.unified.glora_search import GLoRASpace
 from vpeft.methods.unified.noah import NOAHConfig, QuickGELU
@@ -175,12 +174,12 @@ def test_space_bounds_are_the_extreme_subnets() -> None:
 
 def test_methods_declare_what_they_need(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = {r.name: r for r in list_methods()}
-    assert rows["hf-lora"].requires == ("peft",)
+    assert rows["hf:lora"].requires == ("peft",)
     assert rows["noah"].searchable and rows["glora"].searchable
     assert not rows["lora"].searchable and rows["lora"].requires == ()
-    assert rows["hf-lora"].as_dict()["requires"] == ["peft"]
-    # the runner asks the method, it does not know hf-lora: any method lacking a package skips
-    monkeypatch.setattr(HFLoRA, "requires", ("vpeft_no_such_package",))
+    assert rows["hf:lora"].as_dict()["requires"] == ["peft"]
+    # the runner asks the method, it does not know hf:lora: any method lacking a package skips
+    monkeypatch.setattr(vpeft.get_method("hf:lora"), "requires", ("vpeft_no_such_package",))
     assert not available(MethodEntry("hf-lora"))
     assert available(MethodEntry("bitfit"))
     monkeypatch.setattr(vpeft.get_method("bitfit"), "requires", ("vpeft_no_such_package",))

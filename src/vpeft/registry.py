@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,9 @@ if TYPE_CHECKING:
     from vpeft.core.method import Method
 
 _METHODS: dict[str, type[Method]] = {}
+_ALIASES: dict[str, str] = {}  # old name -> registered name
+# prefix -> (resolve a member name to its class, the members that list_methods() shows)
+_FAMILIES: dict[str, tuple[Callable[[str], type[Method]], Callable[[], list[str]]]] = {}
 _loaded = False
 
 
@@ -25,6 +29,24 @@ def register(cls: type[Method]) -> type[Method]:
     cls.config_cls.method = name
     _METHODS[name] = cls
     return cls
+
+
+def register_alias(alias: str, name: str) -> None:
+    """Let ``alias`` (an old name) resolve to the method ``name``."""
+    _ALIASES[_key(alias)] = _key(name)
+
+
+def register_family(
+    prefix: str, resolve: Callable[[str], type[Method]], members: Callable[[], list[str]]
+) -> None:
+    """Make every name ``<prefix>:<member>`` resolve through ``resolve(member)``, which returns a
+    method class (registered here on first use) or raises ``KeyError`` naming the valid members;
+    ``members()`` lists the members that :func:`list_methods` shows."""
+    _FAMILIES[prefix] = (resolve, members)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
 
 
 def _load_builtin() -> None:
@@ -41,9 +63,15 @@ def _load_builtin() -> None:
 
 def get_method(name: str) -> type[Method]:
     _load_builtin()
-    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(_key(name), _key(name))
     if key not in _METHODS:
-        raise KeyError(f"unknown method '{name}'; available methods: {', '.join(sorted(_METHODS))}")
+        prefix, sep, member = key.partition(":")
+        if sep and prefix in _FAMILIES:
+            cls = _FAMILIES[prefix][0](member)
+            return _METHODS[key] if key in _METHODS else register(cls)
+        families = "".join(f", {p}:<name>" for p in sorted(_FAMILIES))
+        raise KeyError(f"unknown method '{name}'; available methods: "
+                       f"{', '.join(sorted(_METHODS))}{families}")
     return _METHODS[key]
 
 
@@ -102,6 +130,9 @@ def missing_requirements(name: str) -> list[str]:
 def list_methods() -> list[MethodInfo]:
     """Every registered method with its family and characteristics, in taxonomy order."""
     _load_builtin()
+    for prefix, (_, members) in _FAMILIES.items():
+        for member in members():
+            get_method(f"{prefix}:{member}")
     order = {"reference": 0, "addition": 1, "partial": 2, "unified": 3}
     rows = [m.info() for m in _METHODS.values()]
     return sorted(rows, key=lambda r: (order.get(r.family, 9), r.subfamily, r.name))

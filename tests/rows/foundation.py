@@ -66,10 +66,3 @@ ROWS = [
     Row("vpt-shallow", lambda d: 10 * d.D),
     Row("vpt-deep", lambda d: d.L * 5 * d.D, {"num_tokens": 5}),
 ]
-
-try:
-    import peft  # noqa: F401
-
-    ROWS.append(Row("hf-lora", lambda d: d.L * (8 * d.D + 3 * d.D * 8)))
-except ImportError:  # the peer baseline is optional; the matrix then reports it missing
-    pass

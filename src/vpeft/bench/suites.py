@@ -36,7 +36,7 @@ VTAB_GROUPS: dict[str, list[str]] = {
     ],
 }
 TASK_GROUP = {t: g for g, ts in VTAB_GROUPS.items() for t in ts}
-SURVEY_METHODS = ["linear", "bitfit", "lora", "adaptformer", "vpt-deep", "ssf", "full", "hf-lora"]
+SURVEY_METHODS = ["linear", "bitfit", "lora", "adaptformer", "vpt-deep", "ssf", "full", "hf:lora"]
 
 
 @dataclass

@@ -76,6 +76,9 @@ def save(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False
     }
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    from vpeft.interop.card import write_card
+
+    write_card(out, meta=meta)
     return out
 
 
@@ -158,7 +161,8 @@ def check_base(
 
 
 def load(model: nn.Module, directory: str | os.PathLike, strict_base: bool = True) -> nn.Module:
-    """Load an adapter saved by :func:`save` into ``model`` and return it.
+    """Load an adapter saved by :func:`save` (or a Hugging Face PEFT adapter folder, as
+    ``hf:<tuner>``) into ``model`` and return it.
 
     ``model`` is either a plain base model (it is adapted with the saved config first) or one
     already adapted with the same config. A mismatch in architecture, class count or config raises
@@ -166,6 +170,10 @@ def load(model: nn.Module, directory: str | os.PathLike, strict_base: bool = Tru
     changes; if the saved tensors do not fit the adapted model, the adaptation is undone.
     """
     check_module(model)
+    from vpeft.interop.peft_format import is_peft_folder, load_peft
+
+    if is_peft_folder(directory):  # a Hugging Face PEFT adapter (adapter_model.safetensors)
+        return load_peft(model, directory)
     meta = read_config(directory)
     config = config_from_meta(meta, directory)
     tensors = read_tensors(directory)

@@ -89,10 +89,15 @@ TRAINED_ON = {"train800val200": ("train800", "val200", "train800val200"),
               "train800": ("train800",)}
 
 
-def load_run(run: str | Path, weights: str | None = None
+def load_run(run: str | Path, weights: str | None = None, data: str | None = None
              ) -> tuple[nn.Module, TrainConfig, list[str] | None]:
     """The model of run folder ``run`` (its backbone with its adapter loaded, on the CPU), its
-    config and its class names. ``weights`` replaces the run's backbone weights file."""
+    config and its class names. ``weights`` replaces the run's backbone weights file. ``run`` may
+    also be a Hugging Face PEFT adapter folder (then ``data`` is needed)."""
+    from vpeft.interop.peft_format import is_peft_folder, load_peft_run
+
+    if is_peft_folder(run):
+        return load_peft_run(run, data, weights)
     folder = RunDir(run)
     if not folder.file("config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a vpeft run folder (no config.yaml)")
@@ -119,7 +124,7 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str | None = N
         raise ValueError(f"batch_size must be >= 1 (or unset: the run's), got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (or unset), got {num_workers}")
-    model, config, classes = load_run(run, weights)
+    model, config, classes = load_run(run, weights, data)
     precision = config.precision if torch.cuda.is_available() and not cpu else "no"
     accelerator = make_accelerator(resolve_precision(precision, cpu), cpu=cpu)
     data = data or config.data

@@ -6,6 +6,7 @@ runs/cifar10-lora/
   classes.txt               the class names, line i = label i
   adapter.safetensors       trained / added tensors and the head (vpeft.save; vpeft.load reads it)
   adapter_config.json
+  README.md                 model card: base, method, parameters, data and metrics, command
   metrics.jsonl             one line per epoch: epoch, loss, train_top1, lr, seconds, images
   results.json              method, model, data, split, top1, parameter counts, speed, memory, seed
   train_state.pt            while training: what --resume needs (removed when the run completes)
@@ -28,6 +29,7 @@ from typing import Any
 from vpeft.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text
 from vpeft.engine.checkpoint import STATE_NAME
 from vpeft.engine.config import TrainConfig
+from vpeft.interop.card import write_card
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ class RunDir:
 
     def write_results(self, results: dict[str, Any]) -> None:
         atomic_write_text(self.file(RESULTS_FILE), json.dumps(results, indent=2) + "\n")
+        if self.file(CONFIG_NAME).is_file():  # the adapter's model card gets data and metrics
+            write_card(self.path)
 
     def read_results(self) -> dict[str, Any]:
         return json.loads(self.file(RESULTS_FILE).read_text())
