@@ -87,11 +87,3 @@ ROWS = [
     Row("conv-adapter", on_model(lambda m: conv_adapter_count(m, 2, every="stage")),
         {"every": "stage", "reduction": 2}, backbones=CNN_KINDS + CONVNEXT),
 ]
-
-try:
-    import peft  # noqa: F401
-
-    ROWS.append(Row("hf-lora", on_model(lambda m: lora_default_count(m, grouped=False)),
-                    backbones=CNN_KINDS))
-except ImportError:  # the peer baseline is optional
-    pass

@@ -183,11 +183,3 @@ ROWS = [
         backbones=ATTENTION),
     Row("adaptformer", _per_block(lambda w, h: 2 * w * 8 + 8 + w), backbones=NOT_VIT),
 ]
-
-try:
-    import peft  # noqa: F401
-
-    # on open_clip PEFT's merge leaves the view's unpacked attention: not the plain tower
-    ROWS.append(Row("hf-lora", _lora(8), backbones=NOT_VIT + HF))
-except ImportError:  # the peer baseline is optional
-    pass
