@@ -150,7 +150,6 @@ ROWS = [
         Row("bitfit", on_model(bias_count)),
         Row("ln-tune", on_model(norm_affine_count)),
         Row("ssf", on_model(ssf_count)),
-        Row("difffit", lambda d: difffit_count(d.model, 2)),
         Row("partial-k", on_model(partial_k_count)),
         Row("visual-prompt", _visual_prompt),
         Row("lora", _lora(8)),
@@ -162,6 +161,8 @@ ROWS = [
     ]
 ] + [
     Row("repadapter", _repadapter, backbones=OPEN_CLIP),  # a fused qkv (HF: separate)
+    # open_clip: merging leaves the view's unpacked attention inside DiffFit's wrapper (open)
+    Row("difffit", lambda d: difffit_count(d.model, 2), backbones=HF),
     Row("linear", lambda d: 0, backbones=NOT_VIT),
     Row("full", on_model(backbone_count), backbones=NOT_VIT),
     Row("bitfit", on_model(bias_count), backbones=NOT_VIT),
