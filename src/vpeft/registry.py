@@ -102,6 +102,6 @@ def missing_requirements(name: str) -> list[str]:
 def list_methods() -> list[MethodInfo]:
     """Every registered method with its family and characteristics, in taxonomy order."""
     _load_builtin()
-    order = {"reference": 0, "addition": 1, "partial": 2, "unified": 3}
+    order = {"reference": 0, "addition": 1, "partial": 2, "unified": 3, "temporal": 4}
     rows = [m.info() for m in _METHODS.values()]
     return sorted(rows, key=lambda r: (order.get(r.family, 9), r.subfamily, r.name))

@@ -4,9 +4,14 @@ Each clip shows a texture that wraps around the frame: a mosaic of real images (
 VTAB-1k list-file folder such as ``mnist`` or ``cifar10``) or, without one, random blocks.
 
 * ``direction`` (8 classes): the texture scrolls one of 8 ways (right, down-right, ... up-right)
-  by ``speed`` pixels a frame, from a random start offset. Every frame is the same texture at
+  by ``speed`` pixels a frame, from a random start offset; ``direction4``: the 4 axis-aligned
+  ways only. Every frame is the same texture at
   a uniformly random shift whatever the class, and a clip of one direction played backwards is
   a clip of the opposite one: frame order alone tells the classes apart.
+* ``sense`` (2 classes): one image (``3/8`` of the frame) crosses a black frame rightwards
+  (right, down-right or up-right) or leftwards (the mirror ways), from a random start that
+  keeps it inside. Both classes move along the same three axes, so the axis tells nothing;
+  the easiest of the three to learn.
 * ``rotation`` (2 classes): the mosaic turns clockwise or anticlockwise by ``speed`` degrees a
   frame from a random start angle; backwards, one class is the other.
 
@@ -31,7 +36,9 @@ DIRECTIONS = {  # name -> (dy, dx) per frame, in units of `speed`
     "right": (0, 1), "down-right": (1, 1), "down": (1, 0), "down-left": (1, -1),
     "left": (0, -1), "up-left": (-1, -1), "up": (-1, 0), "up-right": (-1, 1),
 }
-KINDS = {"direction": list(DIRECTIONS), "rotation": ["clockwise", "anticlockwise"]}
+KINDS = {"direction": list(DIRECTIONS), "direction4": ["right", "down", "left", "up"],
+         "sense": ["rightwards", "leftwards"], "rotation": ["clockwise", "anticlockwise"]}
+SENSE_WAYS = (("right", "down-right", "up-right"), ("left", "down-left", "up-left"))
 FORMATS = ("mp4", "frames")
 
 
@@ -88,8 +95,10 @@ def render(rng: np.random.Generator, spec: MotionSpec, label: int,
            texture: np.ndarray) -> list[np.ndarray]:
     """The frames of one clip of class ``label``."""
     n = int(rng.integers(spec.length[0], spec.length[1] + 1))
-    if spec.kind == "direction":
-        dy, dx = DIRECTIONS[KINDS["direction"][label]]
+    if spec.kind == "sense":
+        return _crossing(rng, spec, label, texture, n)
+    if spec.kind.startswith("direction"):
+        dy, dx = DIRECTIONS[KINDS[spec.kind][label]]
         oy, ox = rng.integers(spec.size, size=2)
         return [np.roll(texture, (round(oy + t * dy * spec.speed),
                                   round(ox + t * dx * spec.speed)), axis=(0, 1))
@@ -101,15 +110,34 @@ def render(rng: np.random.Generator, spec: MotionSpec, label: int,
             for t in range(n)]
 
 
+def _crossing(rng: np.random.Generator, spec: MotionSpec, label: int, texture: np.ndarray,
+              n: int) -> list[np.ndarray]:
+    """An object (``texture`` shrunk to 3/8 of the side) crossing a black frame."""
+    side = max(2, spec.size * 3 // 8)
+    obj = np.asarray(Image.fromarray(texture).resize((side, side)))
+    dy, dx = DIRECTIONS[SENSE_WAYS[label][rng.integers(3)]]
+    room = spec.size - side  # free pixels along each axis
+    step = min(spec.speed, room / max(n - 1, 1))  # pixels per frame, kept inside the frame
+    span = step * (n - 1)
+    y0, x0 = (rng.uniform(0, room - span * abs(d)) + (span if d < 0 else 0) for d in (dy, dx))
+    frames = []
+    for t in range(n):
+        y, x = round(y0 + dy * step * t), round(x0 + dx * step * t)
+        frame = np.zeros((spec.size, spec.size, 3), np.uint8)
+        frame[y:y + side, x:x + side] = obj
+        frames.append(frame)
+    return frames
+
+
 def write_mp4(path: Path, frames: list[np.ndarray], fps: int = 8) -> None:
-    """H.264 (yuv420p, crf 4: near-lossless) video of RGB ``frames``."""
+    """H.264 (yuv444p, crf 4: near-lossless) video of RGB ``frames``."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "4"})
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuv444p"  # full colour resolution (small frames)
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         container.mux(stream.encode())

@@ -30,7 +30,13 @@ from vpeft.core.config import MethodConfig, option
 from vpeft.core.inject import Bottleneck, Bypass
 from vpeft.core.method import Method
 from vpeft.core.surgery import Wrapper, wrap
-from vpeft.core.temporal import current_frames, frame_major, patch_layout, time_major
+from vpeft.core.temporal import (
+    current_frames,
+    frame_major,
+    patch_layout,
+    split_clips,
+    time_major,
+)
 from vpeft.registry import register
 
 PARTS = ("temporal", "spatial", "joint")
@@ -79,7 +85,7 @@ class TemporalAttention(Wrapper):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         frames = current_frames()
         if self.time_embed is not None:  # (B*T, N, D) + (T, D) per clip
-            clips = x.view(-1, frames, *x.shape[1:])
+            clips = split_clips(x, frames, "aim")
             x = (clips + self.embedding(frames)[None, :, None, :]).view_as(x)
         if self.adapter is not None:
             xt = time_major(x, frames, "aim")  # (B*N, T, D)
