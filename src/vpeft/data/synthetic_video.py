@@ -12,6 +12,8 @@ VTAB-1k list-file folder such as ``mnist`` or ``cifar10``) or, without one, rand
   (right, down-right or up-right) or leftwards (the mirror ways), from a random start that
   keeps it inside. Both classes move along the same three axes, so the axis tells nothing;
   the easiest of the three to learn.
+* ``zoom`` (2 classes): one image grows (approaching) or shrinks (receding) between 1/4 and
+  the whole of the frame, about a random centre; backwards, one class is the other.
 * ``rotation`` (2 classes): the mosaic turns clockwise or anticlockwise by ``speed`` degrees a
   frame from a random start angle; backwards, one class is the other.
 
@@ -37,7 +39,8 @@ DIRECTIONS = {  # name -> (dy, dx) per frame, in units of `speed`
     "left": (0, -1), "up-left": (-1, -1), "up": (-1, 0), "up-right": (-1, 1),
 }
 KINDS = {"direction": list(DIRECTIONS), "direction4": ["right", "down", "left", "up"],
-         "sense": ["rightwards", "leftwards"], "rotation": ["clockwise", "anticlockwise"]}
+         "sense": ["rightwards", "leftwards"], "zoom": ["approaching", "receding"],
+         "rotation": ["clockwise", "anticlockwise"]}
 SENSE_WAYS = (("right", "down-right", "up-right"), ("left", "down-left", "up-left"))
 FORMATS = ("mp4", "frames")
 
@@ -97,6 +100,8 @@ def render(rng: np.random.Generator, spec: MotionSpec, label: int,
     n = int(rng.integers(spec.length[0], spec.length[1] + 1))
     if spec.kind == "sense":
         return _crossing(rng, spec, label, texture, n)
+    if spec.kind == "zoom":
+        return _zoom(rng, spec, label, texture, n)
     if spec.kind.startswith("direction"):
         dy, dx = DIRECTIONS[KINDS[spec.kind][label]]
         oy, ox = rng.integers(spec.size, size=2)
@@ -125,6 +130,24 @@ def _crossing(rng: np.random.Generator, spec: MotionSpec, label: int, texture: n
         y, x = round(y0 + dy * step * t), round(x0 + dx * step * t)
         frame = np.zeros((spec.size, spec.size, 3), np.uint8)
         frame[y:y + side, x:x + side] = obj
+        frames.append(frame)
+    return frames
+
+
+def _zoom(rng: np.random.Generator, spec: MotionSpec, label: int, texture: np.ndarray,
+          n: int) -> list[np.ndarray]:
+    """``texture`` growing (label 0) or shrinking (1) between 1/4 and all of the frame side."""
+    lo, hi = max(2, spec.size // 4), spec.size
+    sides = np.linspace(lo, hi, n) if label == 0 else np.linspace(hi, lo, n)
+    cy, cx = rng.uniform(0.25, 0.75, size=2) * spec.size
+    img = Image.fromarray(texture)
+    frames = []
+    for side in sides:
+        s = int(round(side))
+        y = int(round(min(max(cy - s / 2, 0), spec.size - s)))
+        x = int(round(min(max(cx - s / 2, 0), spec.size - s)))
+        frame = np.zeros((spec.size, spec.size, 3), np.uint8)
+        frame[y:y + s, x:x + s] = np.asarray(img.resize((s, s)))
         frames.append(frame)
     return frames
 

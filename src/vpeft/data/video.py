@@ -89,6 +89,9 @@ class VideoDataset(ImageDataset):
         super().__init__(root, split, "video-list", classes, labels, origins, sources=sources)
         self.lengths, self.frames, self.views = lengths, frames, views
         self.train, self.seed = train, seed
+        # set: every clip's sampled frames are put in a random order drawn from (this, index),
+        # the same for all its views (a test of whether a model uses time)
+        self.shuffle_seed: int | None = None
 
     def offsets(self, i: int) -> list[list[float]]:
         """Where in each segment the frames of sample ``i`` are taken, per view."""
@@ -99,7 +102,11 @@ class VideoDataset(ImageDataset):
 
     def indices(self, i: int) -> list[list[int]]:
         """The frame indices of sample ``i``, one list of ``frames`` per view."""
-        return [tsn_indices(self.lengths[i], self.frames, u) for u in self.offsets(i)]
+        views = [tsn_indices(self.lengths[i], self.frames, u) for u in self.offsets(i)]
+        if self.shuffle_seed is not None:
+            order = np.random.default_rng([self.shuffle_seed, i, 2]).permutation(self.frames)
+            views = [[v[k] for k in order] for v in views]
+        return views
 
     def read_frames(self, i: int, wanted: set[int]) -> dict[int, Image.Image]:
         path = self.sources[i]
