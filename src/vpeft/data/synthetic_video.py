@@ -143,9 +143,9 @@ def _zoom(rng: np.random.Generator, spec: MotionSpec, label: int, texture: np.nd
     img = Image.fromarray(texture)
     frames = []
     for side in sides:
-        s = int(round(side))
-        y = int(round(min(max(cy - s / 2, 0), spec.size - s)))
-        x = int(round(min(max(cx - s / 2, 0), spec.size - s)))
+        s = round(side)
+        y = round(min(max(cy - s / 2, 0), spec.size - s))
+        x = round(min(max(cx - s / 2, 0), spec.size - s))
         frame = np.zeros((spec.size, spec.size, 3), np.uint8)
         frame[y:y + s, x:x + s] = np.asarray(img.resize((s, s)))
         frames.append(frame)
