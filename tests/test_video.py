@@ -24,6 +24,7 @@ from vpeft.tasks import make_task, task_names
 from vpeft.tasks.video import ClipModel
 
 from conftest import IMG, NUM_CLASSES, tiny_model
+from rows import Row, all_rows
 
 av = pytest.importorskip("av")
 
@@ -178,14 +179,17 @@ def test_zero_init_is_the_frame_wise_base(method: str | None):
         assert model(views).shape == (2, NUM_CLASSES)
 
 
-@pytest.mark.parametrize("method", [m.name for m in vpeft.list_methods()])
+FIRST_ROW: dict[str, Row] = {}
+for _row in all_rows():  # the matrix's options and backbone kind of each method
+    FIRST_ROW.setdefault(_row.method, _row)
+
+
+@pytest.mark.parametrize("method", sorted(FIRST_ROW))
 def test_every_method_runs_frame_wise_on_clips(method: str):
     if vpeft.get_method(method).missing_requirements():
         pytest.skip(f"{method} needs {vpeft.get_method(method).requires}")
-    try:
-        model = clip_model(method)
-    except MissingPartError:  # a CNN method (conv-adapter): frame-wise on a CNN
-        model = clip_model(method, kind="resnet")
+    row = FIRST_ROW[method]
+    model = clip_model(method, row.backbones[0], **row.options)
     x = clips(2, frames=2)
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))
     loss.backward()
