@@ -133,6 +133,6 @@ def list_methods() -> list[MethodInfo]:
     for prefix, (_, members) in _FAMILIES.items():
         for member in members():
             get_method(f"{prefix}:{member}")
-    order = {"reference": 0, "addition": 1, "partial": 2, "unified": 3}
+    order = {"reference": 0, "addition": 1, "partial": 2, "unified": 3, "temporal": 4}
     rows = [m.info() for m in _METHODS.values()]
     return sorted(rows, key=lambda r: (order.get(r.family, 9), r.subfamily, r.name))

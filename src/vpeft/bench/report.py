@@ -16,6 +16,7 @@ from typing import Any
 
 from vpeft.bench.suites import TASK_GROUP
 from vpeft.core.checkpoint import atomic_write_text
+from vpeft.engine.config import TASK_NAMES
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -38,6 +39,8 @@ def collect(results_dir: Path) -> list[dict[str, Any]]:
         r = read_json(path)
         if r.get("split", "test") != "test":  # hyper-parameter runs (val200) are not results
             continue
+        if r.get("task") in TASK_NAMES:  # the engine's task kind; "task" here is the data set
+            r["application"] = r.pop("task")
         bench = path.parent / "bench.json"  # task, label and group as the bench runner saw them
         if bench.is_file():
             r.update(read_json(bench))

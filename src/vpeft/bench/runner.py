@@ -66,6 +66,7 @@ def make_config(
         "batch_size": suite.batch_size,
         "lr": suite.lr,
         **suite.train,
+        **suite.task_train.get(data.name, {}),
     }
     method_args: dict[str, Any] = {}
     for k, v in {**entry.args, **setting}.items():  # schedule keys (lr ...) go to the run

@@ -64,6 +64,9 @@ class Suite:
     lr: float = 1e-3
     seeds: list[int] = field(default_factory=lambda: [0])
     train: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields
+    # per task folder, TrainConfig fields of its runs: a suite may mix image and video tasks,
+    # e.g. {"motion": {"task": "video", "frames": 8}}
+    task_train: dict[str, dict[str, Any]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=lambda: dict(TASK_GROUP))
 
     def to_dict(self) -> dict[str, Any]:

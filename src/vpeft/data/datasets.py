@@ -152,7 +152,12 @@ def _check_classes(root: Path, own: list[str] | None, given: list[str] | None) -
     return given if given is not None else own
 
 
-def _open_list(root: Path, split: str, classes: list[str] | None) -> ImageDataset:
+def read_list(root: Path, split: str, classes: list[str] | None, what: str = "image",
+              exists: Callable[[Path], bool] = Path.is_file
+              ) -> tuple[list[str], list[Path], list[int], list[str]]:
+    """``(classes, paths, labels, origins)`` of list file ``<root>/<split>.txt`` (lines
+    ``<path relative to root> <label>``): every path exists (``exists``), every label is in
+    range; otherwise a :class:`DataError` names the line."""
     list_file = root / f"{split}.txt"
     classes = _check_classes(root, read_classes(root), classes)
     labels: list[int] = []
@@ -164,14 +169,14 @@ def _open_list(root: Path, split: str, classes: list[str] | None) -> ImageDatase
         where = f"{list_file}:{lineno}"
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"{where}: expected '<image path> <integer label>', got {line!r}")
+            raise DataError(f"{where}: expected '<{what} path> <integer label>', got {line!r}")
         sources.append(root / parts[0])
         labels.append(int(parts[1]))
         origins.append(where)
-    missing = [i for i, p in enumerate(sources) if not p.is_file()]
+    missing = [i for i, p in enumerate(sources) if not exists(p)]
     if missing:
         more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(f"{origins[missing[0]]}: image {sources[missing[0]]} not found{more}")
+        raise DataError(f"{origins[missing[0]]}: {what} {sources[missing[0]]} not found{more}")
     if classes is None:  # no classes.txt: as many classes as the largest label in any list says
         top = max((_max_label(p) for p in root.glob("*.txt")), default=-1)
         classes = [str(i) for i in range(max(top, max(labels, default=-1)) + 1)]
@@ -179,6 +184,11 @@ def _open_list(root: Path, split: str, classes: list[str] | None) -> ImageDatase
         if not 0 <= label < len(classes):
             raise DataError(f"{origins[i]}: label {label} is out of range for "
                             f"{len(classes)} classes ({root / CLASSES_FILE})")
+    return classes, sources, labels, origins
+
+
+def _open_list(root: Path, split: str, classes: list[str] | None) -> ImageDataset:
+    classes, sources, labels, origins = read_list(root, split, classes)
     return ImageDataset(root, split, "vtab-list", classes, labels, origins, sources=sources)
 
 

@@ -24,6 +24,7 @@ from vpeft.core.config import coerce as coerce_value
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 HEAD_SOLVERS = ("lbfgs", "sgd")
+TASK_NAMES = ("image", "video")  # vpeft.tasks.TASKS (not imported here: this module is light)
 
 
 def opt(default: Any = MISSING, help: str = "", *, saved: bool = True, compared: bool = True,
@@ -60,6 +61,10 @@ class TrainConfig:
     img_size: int | None = opt(
         None, "input side in pixels (default: the model's); ViT position embeddings are resampled")
     # -- data -------------------------------------------------------------------------------------
+    task: str = opt("image", "what the data is: image (classification) or video (clips of "
+                             "--frames frames, temporal mean pooling)", choices=TASK_NAMES)
+    frames: int = opt(8, "video: frames per clip, one per equal segment (TSN sampling)")
+    views: int = opt(1, "video: evaluation views per clip, their logits averaged")
     train_split: str = opt("train800val200", "split to train on (VTAB-1k: train800val200)")
     eval_split: str = opt("test", "split to evaluate on once, after training")
     val: bool = opt(False, "hyper-parameter search: train on train800, evaluate on val200")
@@ -121,6 +126,10 @@ class TrainConfig:
             (self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (not (self.overwrite and self.resume), "choose one of overwrite and resume"),
+            (self.task in TASK_NAMES,
+             f"task must be one of {', '.join(TASK_NAMES)}, got {self.task!r}"),
+            (self.frames >= 1, f"frames must be >= 1, got {self.frames}"),
+            (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.head_solver in HEAD_SOLVERS,
              f"head_solver must be one of {', '.join(HEAD_SOLVERS)}, got {self.head_solver!r}"),
         ]

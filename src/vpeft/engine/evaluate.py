@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import vpeft
-from vpeft.data import data_config, eval_transform, open_dataset
+from vpeft.data import data_config, eval_transform
 from vpeft.engine.config import TrainConfig
 from vpeft.engine.model import build_backbone
 from vpeft.engine.rundir import RunDir
@@ -32,6 +32,7 @@ from vpeft.engine.runtime import (
     resolve_precision,
     seed_everything,
 )
+from vpeft.tasks import make_task
 
 logger = logging.getLogger(__name__)
 
@@ -132,20 +133,22 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str | None = N
     if os.path.abspath(data) == config.data and split in TRAINED_ON.get(config.splits[0], ()):
         logger.warning("the run trained on %s, which holds the images of %s: this accuracy is on "
                        "training data, not held-out data", config.splits[0], split)
-    dataset = open_dataset(data, split, classes=classes)
+    task = make_task(config.task, config.frames, config.views)
+    dataset = task.open(data, split, classes=classes)
     dataset.transform = eval_transform(data_config(model, config.img_size))
     if batch_size is None:
         batch_size = config.eval_batch_size or config.batch_size  # saved values are >= 1
     loader = make_loader(dataset, batch_size, num_workers)
     loader = accelerator.prepare(loader)
     model.to(accelerator.device)
-    result = evaluate(model, loader, accelerator, show_progress)
+    result = evaluate(task.wrap(model), loader, accelerator, show_progress)
     logger.info("%s on %s/%s: top-1 %.2f%% (%d images)", config.method, data, split, result.top1,
                 result.images)
     out = {
         "run": str(run), "method": config.method, "model": config.model, "data": str(data),
         "split": split, "top1": result.top1, "loss": result.loss, "images": result.images,
         "seconds": result.seconds, "images_per_second": result.images_per_second,
+        **task.result_fields(),
     }
     if predictions:
         out["predictions"] = result.predictions.tolist()

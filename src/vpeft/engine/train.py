@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
 import vpeft
-from vpeft.data import data_config, eval_transform, open_dataset
+from vpeft.data import data_config, eval_transform
 from vpeft.engine.checkpoint import (
     STATE_NAME,
     load_training_state,
@@ -49,6 +48,7 @@ from vpeft.engine.runtime import (
     set_epoch,
 )
 from vpeft.registry import get_method
+from vpeft.tasks import Task, make_task
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +86,15 @@ def train(config: TrainConfig,
                 run.folder.file("results.json"))
         return run.folder.read_results()
     seed_everything(config.seed)
-    train_set, eval_set = open_data(config)
+    train_set, eval_set = open_data(run, config)
     model, config = build_model(run, config, train_set, eval_set)
     start_run_folder(run, config, train_set, eval_set)
 
     reset_peak_memory()
     model.to(run.accelerator.device)
+    task_net = run.task.wrap(model)  # what a batch of the task runs through (shares model's)
     start = time.perf_counter()
-    net, train_data, cache = head_on_cached_features(run, config, model, train_set)
+    net, train_data, cache = head_on_cached_features(run, config, task_net, train_set)
     probe = fit_convex_head(run, config, net, train_data) if cache != "none" else None
     prep_seconds = time.perf_counter() - start  # feature extraction counts as training time
     loop = make_optimiser(run, config, model, net, train_data, cached=cache != "none")
@@ -106,7 +107,7 @@ def train(config: TrainConfig,
 
     if run.main:
         vpeft.save(model, run.folder.path, overwrite=True)
-    result = evaluate_once(run, config, model, eval_set)
+    result = evaluate_once(run, config, task_net, eval_set)
     results = results_of(run, config, model, loop, result, len(train_set), cache, probe)
     finish_run(run, config, results)
     return results
@@ -121,6 +122,7 @@ class Run:
     status: str  # new | resume | complete (RunDir.status)
     saved: TrainConfig | None  # the config of the run being resumed
     precision: str  # what the run really uses (resolve_precision)
+    task: Task  # image | video: data, what runs on a batch, loss, result fields
 
     @property
     def main(self) -> bool:
@@ -152,14 +154,15 @@ def prepare_run(config: TrainConfig) -> Run:
     folder = RunDir(config.out)
     status = folder.status(config.overwrite, config.resume)
     saved = folder.read_config() if status == "resume" else None
-    return Run(accelerator, folder, status, saved, precision)
+    task = make_task(config.task, config.frames, config.views)
+    return Run(accelerator, folder, status, saved, precision, task)
 
 
-def open_data(config: TrainConfig) -> tuple[Any, Any]:
+def open_data(run: Run, config: TrainConfig) -> tuple[Any, Any]:
     """The training and evaluation sets (the evaluation set uses the training set's classes)."""
     train_split, eval_split = config.splits
-    train_set = open_dataset(config.data, train_split)
-    return train_set, open_dataset(config.data, eval_split, classes=train_set.classes)
+    train_set = run.task.open(config.data, train_split, train=True, seed=config.seed)
+    return train_set, run.task.open(config.data, eval_split, classes=train_set.classes)
 
 
 def build_model(run: Run, config: TrainConfig, train_set: Any,
@@ -301,7 +304,7 @@ def train_one_epoch(run: Run, config: TrainConfig, model: nn.Module, loop: Loop,
         if before_step is not None:
             before_step(model)
         logits = net(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+        loss = run.task.loss(logits, labels, config.label_smoothing)
         accelerator.backward(loss)
         if config.grad_clip > 0:
             accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
@@ -356,6 +359,7 @@ def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, resu
         "peak_memory_mb": memory, "peak_memory_kind": memory_kind, "feature_cache": cache,
         "processes": run.accelerator.num_processes, "device": str(run.accelerator.device),
         "precision": run.precision, "probe": probe.to_dict() if probe is not None else None,
+        **run.task.result_fields(),
         "versions": {"vpeft": vpeft.__version__, "torch": torch.__version__,
                      "timm": __import__("timm").__version__},
     }
