@@ -158,3 +158,15 @@ def test_profile_builds_a_cnn_that_takes_no_img_size():
         p.numel() for n, p in build(cnn).named_parameters()
         if n.endswith("bias") and not n.startswith("head.fc"))
     assert row["latency_ratio_merged"] > 0
+
+
+def test_profile_reports_a_method_that_does_not_apply_and_goes_on():
+    """``--all`` on a CNN: a method needing tokens is listed as not applicable, naming the
+    missing part, and the methods that apply are still profiled."""
+    cnn = ProfileSpec(model="convnext_atto", img_size=32, batch_size=2, num_classes=5, warmup=0,
+                      repeats=1, memory=False, train=False,
+                      model_args={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)})
+    result = profile(cnn, [("vpt-deep", {}), ("bitfit", {})])
+    assert [r["method"] for r in result["methods"]] == ["bitfit"]
+    (skipped,) = result["not_applicable"]
+    assert skipped["method"] == "vpt-deep" and "sequence_tokens" in skipped["not_applicable"]
