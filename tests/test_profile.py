@@ -166,7 +166,7 @@ def test_profile_reports_a_method_that_does_not_apply_and_goes_on():
     cnn = ProfileSpec(model="convnext_atto", img_size=32, batch_size=2, num_classes=5, warmup=0,
                       repeats=1, memory=False, train=False,
                       model_args={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)})
-    result = profile(cnn, [("vpt-deep", {}), ("bitfit", {})])
+    result = profile(cnn, [("vpt-deep", {}), ("bitfit", {})], skip_inapplicable=True)
     assert [r["method"] for r in result["methods"]] == ["bitfit"]
-    (skipped,) = result["not_applicable"]
-    assert skipped["method"] == "vpt-deep" and "sequence_tokens" in skipped["not_applicable"]
+    assert list(result["skipped"]) == ["vpt-deep"]
+    assert "sequence_tokens" in result["skipped"]["vpt-deep"]
