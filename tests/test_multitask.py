@@ -273,3 +273,29 @@ def test_disable_adapter_refuses_methods_that_train_the_backbone_in_place():
     with pytest.raises(ValueError, match="trains the backbone's own tensors in place"), \
             vpeft.disable_adapter(model):
         pass
+
+
+def test_head_only_tasks_share_one_backbone_pass_in_a_mixed_batch():
+    """Linear probes compute the backbone's own features: a mixed batch runs the backbone once
+    for all of them (counted at the patch embedding), and each image still gets exactly what
+    its task computes alone; a task that changes the forward (LoRA) runs its own group."""
+    tasks = two_tasks()
+    randomize(tasks.add("probe-a", "linear", num_classes=3))
+    randomize(tasks.add("probe-b", "linear", num_classes=6))
+    tasks.eval()
+    assert tasks.reads_backbone_features("probe-a") and tasks.reads_backbone_features("probe-b")
+    assert not tasks.reads_backbone_features("digits")  # LoRA wraps qkv
+    assert not tasks.reads_backbone_features("pets")  # BitFit owns copies of the biases
+    calls = []
+    hooks = [m.patch_embed.register_forward_hook(lambda *a, m=m: calls.append(m))
+             for m in (tasks.backbone, *tasks.tasks.values())]
+    x = images(5)
+    names = ["probe-b", "digits", "probe-a", "probe-b", "digits"]
+    with torch.no_grad():
+        out = tasks(x, task=names)
+        embeds = len(calls)
+        for h in hooks:
+            h.remove()
+        for i, name in enumerate(names):
+            torch.testing.assert_close(out[i], tasks(x[i : i + 1], task=name)[0])
+    assert embeds == 2  # one shared pass for both probes, one for the LoRA group

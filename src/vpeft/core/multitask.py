@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vpeft.backbones.base import get_view
 from vpeft.core.checkpoint import (
     CONFIG_NAME,
     check_base,
@@ -295,11 +296,11 @@ class MultiTaskModel(nn.Module):
         the result for an image is what its task computes on that group alone. What is shared:
         the frozen tensors (one copy in memory, read by every group), the input batch (groups
         are index views of it, no decoding or copying per task) and the caller's batching. The
-        frozen computation itself (e.g. the patch embedding ahead of the first adapted layer)
-        is not shared between groups: every method may change the forward from its first layer
-        on (visual prompts change the pixels, VPT the token sequence), and the groups of a
-        server's batch are small enough that one forward per task costs about what one
-        forward of the whole batch costs.
+        frozen computation is shared where the methods allow it: tasks whose models compute the
+        backbone's own features (only their heads differ, e.g. ``linear`` probes; see
+        :meth:`reads_backbone_features`) get one ``forward_features`` pass over all their
+        images together, then each its own head. A task whose method changes the forward (from
+        the pixels on for visual prompts, the token sequence for VPT) runs its group alone.
         """
         if len(tasks) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(tasks)} task names; give one per image")
@@ -309,11 +310,39 @@ class MultiTaskModel(nn.Module):
         for name in groups:
             self.task(name)  # every name checked before any work
         out: list[torch.Tensor] = [x.new_empty(0)] * len(tasks)
+        heads_only = [n for n in groups if self.reads_backbone_features(n)]
+        if len(heads_only) > 1:  # one backbone pass for every head-only task's images
+            index = sorted(i for n in heads_only for i in groups[n])
+            feats = self.backbone.forward_features(x[torch.tensor(index, device=x.device)])
+            row = {i: k for k, i in enumerate(index)}
+            for name in heads_only:
+                members = groups.pop(name)
+                rows = torch.tensor([row[i] for i in members], device=x.device)
+                for i, logits in zip(members, self.tasks[name].forward_head(feats[rows])):
+                    out[i] = logits
         for name, index in groups.items():
             batch = x if len(index) == len(tasks) else x[torch.tensor(index, device=x.device)]
             for i, logits in zip(index, self.tasks[name](batch)):
                 out[i] = logits
         return out
+
+    def reads_backbone_features(self, name: str) -> bool:
+        """Whether task ``name`` computes exactly the backbone's features and differs only in
+        its head: every tensor outside its heads is the backbone's own object, its module
+        types match the backbone's, both are in the same mode, and the model has timm's
+        ``forward_features`` / ``forward_head`` split. Read from the model, not the method."""
+        model = self.tasks[name]
+        if not (hasattr(model, "forward_head") and hasattr(self.backbone, "forward_features")
+                and model.training == self.backbone.training):
+            return False
+        heads = tuple(h + "." for h in get_view(model).heads)
+        shared = self._shared()
+        if not heads or any(id(t) not in shared for n, t in
+                            model.state_dict(keep_vars=True).items() if not n.startswith(heads)):
+            return False
+        types = [(n, type(m)) for n, m in model.named_modules() if not (n + ".").startswith(heads)]
+        return types == [(n, type(m)) for n, m in self.backbone.named_modules()
+                         if not (n + ".").startswith(heads)]
 
     def parameter_counts(self) -> dict[str, int]:
         """Elements stored once for the backbone, and for each task what it stores on its own."""
