@@ -109,6 +109,7 @@ def test_an_existing_run_is_never_replaced_silently(data: Path, tmp_path: Path) 
     ("lora", {"method_args": {"dropout": 0.2}, "hflip": True}),  # dropout + flips use RNG
     ("vpt-deep", {}),
     ("linear", {"head_solver": "sgd"}),  # the cached-feature path, by epochs
+    ("bitfit", {"head_init": "probe"}),  # LP-FT: the probe stage runs once, before epoch 1
 ])
 def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,

@@ -3,6 +3,7 @@ training data only, as good as a tuned scikit-learn logistic regression."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -89,9 +90,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def linear_run(data: Path, out: Path, **changes) -> TrainConfig:
-    return TrainConfig(model="vit_tiny_patch16_224", model_args=dict(TINY_MODEL), pretrained=False,
-                       data=str(data), method="linear", out=str(out), epochs=2, batch_size=8,
-                       num_workers=0, progress=False, **changes)
+    values = dict(model="vit_tiny_patch16_224", model_args=dict(TINY_MODEL), pretrained=False,
+                  data=str(data), method="linear", out=str(out), epochs=2, batch_size=8,
+                  num_workers=0, progress=False)
+    return TrainConfig(**{**values, **changes})
 
 
 def test_engine_probe_writes_its_choice_and_never_reads_the_eval_split(data: Path,
@@ -127,3 +129,55 @@ def test_engine_probe_beats_the_epoch_loop_at_its_own_objective(data: Path,
 def test_head_solver_is_validated() -> None:
     with pytest.raises(ValueError, match="head_solver must be one of lbfgs, sgd"):
         linear_run(Path("."), Path("x"), head_solver="adam")
+
+
+def start_of(data: Path, out: Path, head_init: str) -> tuple[dict, nn.Module]:
+    """A one-epoch LoRA run; its results and a copy of the model as the first step saw it."""
+    seen: list[nn.Module] = []
+    results = train(linear_run(data, out, method="lora", head_init=head_init, epochs=1),
+                    before_step=lambda m: seen or seen.append(copy.deepcopy(m)))
+    return results, seen[0]
+
+
+def head_gradient(model: nn.Module, data: Path, l2_absolute: float) -> float:
+    """Largest |gradient| of the probe's objective (cross-entropy + l2 / 2 ||W||^2) at the
+    model's head, on the pre-logits features of the training split."""
+    from vpeft.data import data_config, eval_transform, open_dataset
+
+    ds = open_dataset(str(data), "train800val200")
+    ds.transform = eval_transform(data_config(model, None))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    head = model.get_classifier()
+    head.zero_grad()
+    loss = nn.functional.cross_entropy(head(feats), y) + l2_absolute / 2 * head.weight.pow(2).sum()
+    loss.backward()
+    return max(p.grad.abs().max().item() for p in head.parameters())
+
+
+def test_head_init_probe_starts_training_at_the_probe_solution(data: Path, tmp_path: Path) -> None:
+    """LP-FT: with ``head_init=probe`` the first step of LoRA sees the head at the probe's optimum
+    (zero gradient of its objective) while LoRA's own parameters are untouched (B still zero) and
+    train as before; the random head is far from it. The choice is recorded."""
+    lpft, first = start_of(data, tmp_path / "lpft", "probe")
+    plain, random_first = start_of(data, tmp_path / "plain", "random")
+    l2 = lpft["probe"]["l2_absolute"]
+    assert head_gradient(first, data, l2) < 1e-3
+    assert head_gradient(random_first, data, l2) > 1e-2
+    lora_b = [p for n, p in first.named_parameters() if n.endswith("lora_B")]
+    assert lora_b and all(torch.equal(b, torch.zeros_like(b)) for b in lora_b)
+    assert all(p.requires_grad for n, p in first.named_parameters() if "lora_" in n)
+    assert lpft["trainable_params"] == plain["trainable_params"]
+    assert lpft["head_init"] == "probe" and plain["head_init"] == "random"
+    assert plain["probe"] is None
+    assert "head_init: probe" in (tmp_path / "lpft" / "config.yaml").read_text()
+    lines = [json.loads(s) for s in (tmp_path / "lpft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1] and lines[0]["l2"] == lpft["probe"]["l2"]
+
+
+def test_head_init_is_validated() -> None:
+    with pytest.raises(ValueError, match="head_init must be one of random, probe"):
+        linear_run(Path("."), Path("x"), head_init="zeros")

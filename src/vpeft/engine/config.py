@@ -25,6 +25,7 @@ from vpeft.core.config import coerce as coerce_value
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 HEAD_SOLVERS = ("lbfgs", "sgd")
 TASK_NAMES = ("image", "video")  # vpeft.tasks.TASKS (not imported here: this module is light)
+HEAD_INITS = ("random", "probe")
 
 
 def opt(default: Any = MISSING, help: str = "", *, saved: bool = True, compared: bool = True,
@@ -94,6 +95,11 @@ class TrainConfig:
         "lbfgs", "how a head on cached features trains: lbfgs (logistic regression solved to "
         "convergence, its L2 chosen by 5-fold CV on the training data; epochs, lr and weight decay "
         "unused) or sgd (the epochs above)", choices=HEAD_SOLVERS)
+    head_init: str = opt(
+        "random", "how the head starts when more than the head trains: random (the model's own "
+        "init) or probe (LP-FT, Kumar et al. 2022: fit the linear probe first, as --head-solver "
+        "lbfgs does, on the starting model's features; then train everything from it)",
+        choices=HEAD_INITS)
     eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)",
                                       compared=False)
     # -- run folder -------------------------------------------------------------------------------
@@ -132,6 +138,8 @@ class TrainConfig:
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.head_solver in HEAD_SOLVERS,
              f"head_solver must be one of {', '.join(HEAD_SOLVERS)}, got {self.head_solver!r}"),
+            (self.head_init in HEAD_INITS,
+             f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}"),
         ]
         for ok, message in checks:
             if not ok:

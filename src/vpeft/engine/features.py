@@ -21,6 +21,8 @@ The frozen part runs in eval mode, as in standard linear probing: backbone dropo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -41,6 +43,21 @@ def trainable_heads(model: nn.Module) -> list[str] | None:
     if heads and trainable and all(n.startswith(prefixes) for n in trainable):
         return heads
     return None
+
+
+@contextmanager
+def only_heads_train(model: nn.Module, heads: list[str]) -> Iterator[None]:
+    """Within the block, only the parameters inside ``heads`` require gradients (e.g. to fit the
+    head alone while a method's parameters wait); the previous flags come back after it."""
+    prefixes = tuple(h + "." for h in heads)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n] and n.startswith(prefixes))
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
 
 
 class CachedHead(nn.Module):

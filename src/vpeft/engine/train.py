@@ -2,9 +2,9 @@
 
 :func:`train` reads top to bottom as the stages of a run, each a small function below it:
 prepare the run folder -> open the data -> build and adapt the model -> (train the head on cached
-features) -> optimiser (and resume) -> epochs (a checkpoint after each) -> save the adapter ->
-evaluate once -> results. The same code runs on a CPU, one GPU or many (``accelerate launch``);
-``batch_size`` is the global batch.
+features, or start it at the probe's solution) -> optimiser (and resume) -> epochs (a checkpoint
+after each) -> save the adapter -> evaluate once -> results. The same code runs on a CPU, one GPU
+or many (``accelerate launch``); ``batch_size`` is the global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 
 import vpeft
+from vpeft.backbones.base import get_view
 from vpeft.data import data_config, eval_transform
 from vpeft.engine.checkpoint import (
     STATE_NAME,
@@ -32,7 +33,13 @@ from vpeft.engine.checkpoint import (
 )
 from vpeft.engine.config import TrainConfig
 from vpeft.engine.evaluate import EvalResult, evaluate
-from vpeft.engine.features import CachedHead, cache_kind, extract_features, trainable_heads
+from vpeft.engine.features import (
+    CachedHead,
+    cache_kind,
+    extract_features,
+    only_heads_train,
+    trainable_heads,
+)
 from vpeft.engine.model import build_backbone
 from vpeft.engine.optim import build_optimizer
 from vpeft.engine.probe import ProbeResult, fit_probe
@@ -96,6 +103,7 @@ def train(config: TrainConfig,
     start = time.perf_counter()
     net, train_data, cache = head_on_cached_features(run, config, task_net, train_set)
     probe = fit_convex_head(run, config, net, train_data) if cache != "none" else None
+    start_head = head_from_probe(run, config, model, train_set) if cache == "none" else None
     prep_seconds = time.perf_counter() - start  # feature extraction counts as training time
     loop = make_optimiser(run, config, model, net, train_data, cached=cache != "none")
     loop.seconds += prep_seconds
@@ -103,12 +111,15 @@ def train(config: TrainConfig,
         loop.first_epoch, loop.history = config.epochs, [probe.record()]
         if run.main:
             run.folder.write_metrics(loop.history)
+    elif start_head is not None and not loop.history:  # LP-FT: the probe is "epoch 0"
+        loop.history = [start_head.record()]
     run_epochs(run, config, model, loop, before_step)
 
     if run.main:
         vpeft.save(model, run.folder.path, overwrite=True)
     result = evaluate_once(run, config, task_net, eval_set)
-    results = results_of(run, config, model, loop, result, len(train_set), cache, probe)
+    results = results_of(run, config, model, loop, result, len(train_set), cache,
+                         probe or start_head)
     finish_run(run, config, results)
     return results
 
@@ -216,14 +227,21 @@ def head_on_cached_features(run: Run, config: TrainConfig, model: nn.Module,
     heads = trainable_heads(model) if config.cache_features and not config.hflip else None
     if not heads:
         return model, train_set, "none"
-    device = run.accelerator.device
+    net, features = cached_features(run, config, model, heads, train_set)
+    run.log("only the head trains: training it on cached %s features", net.kind)
+    return net, features, net.kind
+
+
+def cached_features(run: Run, config: TrainConfig, model: nn.Module, heads: list[str],
+                    train_set: Any) -> tuple[CachedHead, Any]:
+    """The model run once, in eval mode, over the training set: the head on its cached
+    features, and those features."""
     probe = torch.stack([train_set[i][0] for i in range(min(4, len(train_set)))])
-    cache = cache_kind(model, heads, probe.to(device))
+    cache = cache_kind(model, heads, probe.to(run.accelerator.device))
     loader = run.accelerator.prepare(
         make_loader(train_set, eval_batch_size(config), config.num_workers))
     features = extract_features(model, loader, run.accelerator, cache, config.progress)
-    run.log("only the head trains: training it on cached %s features", cache)
-    return CachedHead(model, heads, cache), features, cache
+    return CachedHead(model, heads, cache), features
 
 
 def fit_convex_head(run: Run, config: TrainConfig, net: nn.Module,
@@ -236,6 +254,27 @@ def fit_convex_head(run: Run, config: TrainConfig, net: nn.Module,
     run.log("probe: l2 %.0e by %d-fold CV, %d L-BFGS iterations, train loss %.4f", probe.l2,
             probe.folds, probe.iterations, probe.train_loss)
     return probe
+
+
+def head_from_probe(run: Run, config: TrainConfig, model: nn.Module,
+                    train_set: Any) -> ProbeResult | None:
+    """With ``head_init='probe'`` (LP-FT, Kumar et al., ICLR 2022), the head starts at the linear
+    probe's solution on the starting model's features, fitted as ``head_solver='lbfgs'`` fits it,
+    instead of at a random init whose large early gradients distort the pre-trained features
+    (and which few epochs leave far from trained). A resumed run skips it: its head (and every
+    other tensor, the RNGs included) comes back from the checkpoint, and fitting a probe on the
+    partly trained backbone would both waste the time and draw from the restored RNGs."""
+    if config.head_init != "probe" or run.status == "resume":
+        return None
+    heads = get_view(model).heads
+    if not heads:
+        raise ValueError(f"head_init=probe needs a classifier head, and the view of {config.model} "
+                         "finds none")
+    with only_heads_train(model, heads):
+        net, features = cached_features(run, config, model, heads, train_set)
+        run.log("head_init=probe: fitting the head on cached %s features first", net.kind)
+        return fit_convex_head(run, dataclasses.replace(config, head_solver="lbfgs"), net,
+                               features)
 
 
 def make_optimiser(run: Run, config: TrainConfig, model: nn.Module, net: nn.Module,
@@ -358,7 +397,8 @@ def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, resu
         "eval_seconds": result.seconds, "eval_images_per_second": result.images_per_second,
         "peak_memory_mb": memory, "peak_memory_kind": memory_kind, "feature_cache": cache,
         "processes": run.accelerator.num_processes, "device": str(run.accelerator.device),
-        "precision": run.precision, "probe": probe.to_dict() if probe is not None else None,
+        "precision": run.precision, "head_init": config.head_init,
+        "probe": probe.to_dict() if probe is not None else None,
         **run.task.result_fields(),
         "versions": {"vpeft": vpeft.__version__, "torch": torch.__version__,
                      "timm": __import__("timm").__version__},
