@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vpeft.data import write_idx
+from vpeft.data import write_idx, write_list_split
 
 TINY_MODEL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
@@ -35,14 +35,7 @@ def write_list_dataset(root: Path, sizes: dict[str, int] | None = None, classes:
     ``train800val200.txt`` is ``train800.txt`` + ``val200.txt`` as in VTAB-1k."""
     sizes = sizes or {"train800": 48, "val200": 16, "test": 20}
     for i, (split, n) in enumerate(sizes.items()):
-        images, labels = make_images(n, classes, gray=gray, seed=i)
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for j, (img, label) in enumerate(zip(images, labels)):
-            rel = f"images/{split}/{j:06d}.png"
-            Image.fromarray(img).save(root / rel)
-            lines.append(f"{rel} {label}\n")
-        (root / f"{split}.txt").write_text("".join(lines))
+        write_list_split(root, split, *make_images(n, classes, gray=gray, seed=i))
     if "train800" in sizes and "val200" in sizes:
         joined = (root / "train800.txt").read_text() + (root / "val200.txt").read_text()
         (root / "train800val200.txt").write_text(joined)

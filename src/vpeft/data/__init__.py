@@ -11,6 +11,7 @@ from vpeft.data.datasets import (
     available_splits,
     open_dataset,
     read_classes,
+    write_list_split,
 )
 from vpeft.data.idx import IdxError, read_idx, write_idx
 from vpeft.data.transforms import data_config, eval_transform, model_input_size
@@ -28,4 +29,5 @@ __all__ = [
     "read_classes",
     "read_idx",
     "write_idx",
+    "write_list_split",
 ]

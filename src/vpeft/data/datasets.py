@@ -187,6 +187,21 @@ def read_list(root: Path, split: str, classes: list[str] | None, what: str = "im
     return classes, sources, labels, origins
 
 
+def write_list_split(root: str | Path, split: str, images: Any, labels: Any) -> Path:
+    """Write ``images`` (uint8 arrays) as ``images/<split>/NNNNNN.png`` and their ``labels`` as
+    the list file ``<split>.txt``: the VTAB-1k layout :func:`open_dataset` reads (generators,
+    tests and tools)."""
+    root = Path(root)
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for j, (img, label) in enumerate(zip(images, labels)):
+        rel = f"images/{split}/{j:06d}.png"
+        Image.fromarray(img).save(root / rel)
+        lines.append(f"{rel} {int(label)}\n")
+    (root / f"{split}.txt").write_text("".join(lines))
+    return root / f"{split}.txt"
+
+
 def _open_list(root: Path, split: str, classes: list[str] | None) -> ImageDataset:
     classes, sources, labels, origins = read_list(root, split, classes)
     return ImageDataset(root, split, "vtab-list", classes, labels, origins, sources=sources)

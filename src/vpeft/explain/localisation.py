@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from vpeft.data import write_list_split
 
 SHAPES = ("top half", "left half", "diagonal quarters")
 
@@ -52,13 +53,7 @@ def write_shapes_dataset(root: str | Path, sizes: dict[str, int] | None = None, 
     sizes = sizes or {"train800": 800, "val200": 200, "test": 200}
     for k, (split, n) in enumerate(sizes.items()):
         images, labels, boxes = shape_images(n, size, obj, seed=k)
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for j, (img, label) in enumerate(zip(images, labels)):
-            rel = f"images/{split}/{j:06d}.png"
-            Image.fromarray(img).save(root / rel)
-            lines.append(f"{rel} {label}\n")
-        (root / f"{split}.txt").write_text("".join(lines))
+        write_list_split(root, split, images, labels)
         np.save(root / f"boxes_{split}.npy", boxes)
     if "train800" in sizes and "val200" in sizes:
         (root / "train800val200.txt").write_text(
