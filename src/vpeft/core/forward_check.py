@@ -33,13 +33,27 @@ def check_forward_path(model: nn.Module, view: BackboneView, method: str = "") -
 
     One no-grad forward in eval mode on a zero image of the model's input size; the model's
     training mode is restored. Skipped for models on the ``meta`` device (nothing to compute).
+
+    The same forward tells each wrapper whether the model changes its output in place after it
+    returns (timm's ``qkv += bias``, an in-place ReLU after a Linear): the wrapper's
+    ``output_changed_in_place`` is set, so a wrapper whose backward would keep its output (to
+    save memory) keeps its input instead where that output does not survive.
     """
     found = wrappers(model)
     if not found or any(p.is_meta for p in model.parameters()):
         return
     called: set[str] = set()
+    outputs: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def record(path: str, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs[path] = (out, out._version)
+
     hooks = [
         w.register_forward_pre_hook(lambda m, a, path=path: called.add(path)) for path, w in found
+    ] + [
+        w.register_forward_hook(lambda m, a, out, path=path: record(path, out))
+        for path, w in found
     ]
     was_training = model.training
     try:
@@ -50,6 +64,10 @@ def check_forward_path(model: nn.Module, view: BackboneView, method: str = "") -
         for h in hooks:
             h.remove()
         model.train(was_training)
+    for path, w in found:
+        if path in outputs:
+            out, version = outputs[path]
+            w.output_changed_in_place = out._version != version
     missed = [path for path, _ in found if path not in called]
     if missed:
         who = f"method '{method}'" if method else "the method"

@@ -90,7 +90,9 @@ class SSFScaleShift(ScaleShift):
 
     After a plain LayerNorm, ``(n * w + b) * s + t`` runs as one ``F.layer_norm`` with weight
     ``w * s`` and bias ``b * s + t`` (what ``fold`` writes); elsewhere ``y * s + t`` runs as
-    :class:`_ScaleShiftFunction`.
+    :class:`_ScaleShiftFunction`, unless the model changes that output in place afterwards
+    (``output_changed_in_place``, found by the forward-path check at ``adapt``): then autograd
+    keeps ``y``.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -103,6 +105,8 @@ class SSFScaleShift(ScaleShift):
             return F.layer_norm(x, base.normalized_shape, base.weight * self.scale, bias, base.eps)
         y = base(x, *args, **kwargs)
         s, t = self._shape(self.scale, y.ndim), self._shape(self.shift, y.ndim)
+        if getattr(self, "output_changed_in_place", False):  # e.g. timm's `qkv += bias`
+            return torch.addcmul(t, y, s)  # autograd keeps y, which nothing else changes
         return _ScaleShiftFunction.apply(y, s, t)
 
 
