@@ -52,8 +52,10 @@ TINY = {
     "swin": ("swin_tiny_patch4_window7_224", dict(_SWIN)),
     "swinv2": ("swinv2_tiny_window8_256", dict(_SWIN)),
     # no patch embedding tells a ConvNeXt's input size: the config does, as for a real one
+    # layer scale at 1 as after pre-training (timm's 1e-6 init shrinks every gradient inside a
+    # block a millionfold, below what a few optimiser steps on tiny weights can show)
     "convnext": ("convnext_tiny", {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1),
-                                   "drop_path_rate": 0.0,
+                                   "drop_path_rate": 0.0, "ls_init_value": 1.0,
                                    "pretrained_cfg_overlay": {"input_size": (3, IMG, IMG)}}),
     # BatchNorm CNNs (a builder where timm's factory has no size options): ResNet, ResNeXt with
     # grouped 3x3 convs (not depthwise), EfficientNet-Lite with Conv2dSame, depthwise convs,

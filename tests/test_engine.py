@@ -59,8 +59,8 @@ def test_train_writes_a_complete_run_folder(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     results = train(tiny_config(data, out, method_args={"rank": 4}))
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter.safetensors", "adapter_config.json", "classes.txt", "config.yaml",
-        "metrics.jsonl", "results.json"]
+        "README.md", "adapter.safetensors", "adapter_config.json", "classes.txt", "config.yaml",
+        "metrics.jsonl", "results.json"]  # README.md: the model card
     assert json.loads((out / "results.json").read_text()) == results
     for key in ("method", "model", "data", "split", "top1", "trainable_params",
                 "trainable_params_no_head", "total_params", "train_seconds", "images_per_second",
