@@ -1,10 +1,11 @@
 """The training loop: ``train(TrainConfig) -> results``.
 
-:func:`train` reads top to bottom as the stages of a run, each a small function below it:
-prepare the run folder -> open the data -> build and adapt the model -> (train the head on cached
-features, or start it at the probe's solution) -> optimiser (and resume) -> epochs (a checkpoint
-after each) -> save the adapter -> evaluate once -> results. The same code runs on a CPU, one GPU
-or many (``accelerate launch``); ``batch_size`` is the global batch.
+:func:`train` reads top to bottom as the stages of a run, each a small function below it or, for
+the head, in :mod:`vpeft.engine.head`: prepare the run folder -> open the data -> build and adapt
+the model -> (train the head on cached features, or start it at the probe's solution) ->
+optimiser (and resume) -> epochs (a checkpoint after each) -> save the adapter -> evaluate once
+-> results. The same code runs on a CPU, one GPU or many (``accelerate launch``); ``batch_size``
+is the global batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from accelerate import Accelerator
 from torch import nn
 
 import vpeft
-from vpeft.backbones.base import get_view
 from vpeft.data import data_config, eval_transform
 from vpeft.engine.checkpoint import (
     STATE_NAME,
@@ -33,16 +33,15 @@ from vpeft.engine.checkpoint import (
 )
 from vpeft.engine.config import TrainConfig
 from vpeft.engine.evaluate import EvalResult, evaluate
-from vpeft.engine.features import (
-    CachedHead,
-    cache_kind,
-    extract_features,
-    only_heads_train,
-    trainable_heads,
+from vpeft.engine.head import (
+    eval_batch_size,
+    fit_convex_head,
+    head_from_probe,
+    head_on_cached_features,
 )
 from vpeft.engine.model import build_backbone
 from vpeft.engine.optim import build_optimizer
-from vpeft.engine.probe import ProbeResult, fit_probe
+from vpeft.engine.probe import ProbeResult
 from vpeft.engine.rundir import RunDir
 from vpeft.engine.runtime import (
     make_accelerator,
@@ -192,10 +191,6 @@ def build_model(run: Run, config: TrainConfig, train_set: Any,
     return model, config
 
 
-def eval_batch_size(config: TrainConfig) -> int:
-    return config.batch_size if config.eval_batch_size is None else config.eval_batch_size
-
-
 def start_run_folder(run: Run, config: TrainConfig, train_set: Any, eval_set: Any) -> None:
     """Check the batch sizes, then (a new run, main process) write config and classes."""
     processes = run.accelerator.num_processes
@@ -214,67 +209,6 @@ def start_run_folder(run: Run, config: TrainConfig, train_set: Any, eval_set: An
     run.log("training %s on %s (%d images, %s) -> %s (%d) with %s, %d process(es), precision %s",
             config.model, config.train_split, len(train_set), train_set.layout,
             config.eval_split, len(eval_set), config.method, processes, run.precision)
-
-
-def head_on_cached_features(run: Run, config: TrainConfig, model: nn.Module,
-                            train_set: Any) -> tuple[nn.Module, Any, str]:
-    """What trains, on what: ``(net, data, cache kind)``.
-
-    When only the head trains (and no augmentation changes the images), the frozen backbone runs
-    once over the training set and the head trains on its cached features: ``(CachedHead, feature
-    set, kind)``. Otherwise ``(model, train_set, "none")``.
-    """
-    heads = trainable_heads(model) if config.cache_features and not config.hflip else None
-    if not heads:
-        return model, train_set, "none"
-    net, features = cached_features(run, config, model, heads, train_set)
-    run.log("only the head trains: training it on cached %s features", net.kind)
-    return net, features, net.kind
-
-
-def cached_features(run: Run, config: TrainConfig, model: nn.Module, heads: list[str],
-                    train_set: Any) -> tuple[CachedHead, Any]:
-    """The model run once, in eval mode, over the training set: the head on its cached
-    features, and those features."""
-    probe = torch.stack([train_set[i][0] for i in range(min(4, len(train_set)))])
-    cache = cache_kind(model, heads, probe.to(run.accelerator.device))
-    loader = run.accelerator.prepare(
-        make_loader(train_set, eval_batch_size(config), config.num_workers))
-    features = extract_features(model, loader, run.accelerator, cache, config.progress)
-    return CachedHead(model, heads, cache), features
-
-
-def fit_convex_head(run: Run, config: TrainConfig, net: nn.Module,
-                    features: Any) -> ProbeResult | None:
-    """With ``head_solver='lbfgs'``, fit the head on the cached features to convergence (an
-    L2-regularised logistic regression, L2 chosen by cross-validation on the training set)."""
-    if config.head_solver != "lbfgs":
-        return None
-    probe = fit_probe(net, *features.tensors, config.seed, run.accelerator.device)
-    run.log("probe: l2 %.0e by %d-fold CV, %d L-BFGS iterations, train loss %.4f", probe.l2,
-            probe.folds, probe.iterations, probe.train_loss)
-    return probe
-
-
-def head_from_probe(run: Run, config: TrainConfig, model: nn.Module,
-                    train_set: Any) -> ProbeResult | None:
-    """With ``head_init='probe'`` (LP-FT, Kumar et al., ICLR 2022), the head starts at the linear
-    probe's solution on the starting model's features, fitted as ``head_solver='lbfgs'`` fits it,
-    instead of at a random init whose large early gradients distort the pre-trained features
-    (and which few epochs leave far from trained). A resumed run skips it: its head (and every
-    other tensor, the RNGs included) comes back from the checkpoint, and fitting a probe on the
-    partly trained backbone would both waste the time and draw from the restored RNGs."""
-    if config.head_init != "probe" or run.status == "resume":
-        return None
-    heads = get_view(model).heads
-    if not heads:
-        raise ValueError(f"head_init=probe needs a classifier head, and the view of {config.model} "
-                         "finds none")
-    with only_heads_train(model, heads):
-        net, features = cached_features(run, config, model, heads, train_set)
-        run.log("head_init=probe: fitting the head on cached %s features first", net.kind)
-        return fit_convex_head(run, dataclasses.replace(config, head_solver="lbfgs"), net,
-                               features)
 
 
 def make_optimiser(run: Run, config: TrainConfig, model: nn.Module, net: nn.Module,
