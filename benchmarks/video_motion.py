@@ -37,7 +37,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def shuffled_top1(run: Path, frames: int, workers: int) -> float:
     """Top-1 of the run's model on its test split with every clip's frames shuffled."""
     model, config, classes = load_run(run)
-    task = make_task("video", frames, config.views)
+    task = make_task("video", frames=frames, views=config.views)
     ds = task.open(config.data, config.eval_split, classes=classes)
     ds.transform = eval_transform(data_config(model, config.img_size))
     ds.shuffle_seed = 0
@@ -51,7 +51,7 @@ def loader_rate(data: Path, frames: int, img_size: int, batch: int, workers: int
     """Clips/s of the training loader alone (decode, TSN sampling, transforms, collation)."""
     import timm
 
-    ds = make_task("video", frames).open(data, "train800val200", train=True)
+    ds = make_task("video", frames=frames).open(data, "train800val200", train=True)
     probe = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=img_size)
     ds.transform = eval_transform(data_config(probe, img_size))
     loader = make_loader(ds, batch, workers, shuffle_seed=0)

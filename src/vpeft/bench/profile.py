@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vpeft
 from vpeft.backbones.base import MissingPartError
 from vpeft.engine.model import build_backbone
+from vpeft.tasks import Task, make_task
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -53,6 +54,11 @@ class ProfileSpec:
     train: bool = True  # time training steps (against the floor)
     model_args: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # or "bf16": forward passes under bf16 autocast (weights stay fp32)
+    task: str = "image"  # or "segmentation": a decoder in the head's place, masks as labels
+    task_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"decoder": "linear"}
+
+    def make_task(self) -> Task:
+        return make_task(self.task, **self.task_options)
 
     def autocast(self) -> torch.autocast:
         """The autocast context every forward pass runs in (disabled for fp32)."""
@@ -72,6 +78,7 @@ def build(spec: ProfileSpec, method: str | None = None, **options: Any) -> nn.Mo
     model = build_backbone(spec.model, spec.num_classes, spec.weights,
                            pretrained=spec.weights is not None, img_size=spec.img_size,
                            model_args=spec.model_args)
+    spec.make_task().build(model)
     if method is not None:
         vpeft.adapt(model, method, **options)
     return model.to(spec.resolved_device())
@@ -80,7 +87,8 @@ def build(spec: ProfileSpec, method: str | None = None, **options: Any) -> nn.Mo
 def batch(spec: ProfileSpec, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=g)
-    y = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g)
+    shape = spec.make_task().label_shape(spec.batch_size, spec.img_size)
+    y = torch.randint(0, spec.num_classes, shape, generator=g)
     dev = spec.resolved_device()
     return x.to(dev), y.to(dev)
 
@@ -158,9 +166,10 @@ def module_types(model: nn.Module) -> list[tuple[str, type]]:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+               autocast: Callable[[], Any] = contextlib.nullcontext,
+               loss_fn: Callable[..., torch.Tensor] = F.cross_entropy) -> Callable[[], None]:
     """One AdamW step of ``model`` on a fixed batch (the optimiser lives in the closure); the
-    forward runs in ``autocast()``."""
+    forward runs in ``autocast()``; ``loss_fn(logits, labels)`` is the task's loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
@@ -168,7 +177,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
 
@@ -176,7 +185,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+               autocast: Callable[[], Any] = contextlib.nullcontext,
+               loss_fn: Callable[..., torch.Tensor] = F.cross_entropy) -> Callable[[], None]:
     """Forward of the frozen ``model`` plus backward to the tokens entering the first block."""
     view = vpeft.get_view(model)
     view.require("blocks", method="floor")
@@ -187,7 +197,7 @@ def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     def step() -> None:
         with autocast():
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
         loss.backward()
 
     return step
@@ -285,7 +295,8 @@ def _probe(job: dict) -> dict:
     model = build(spec, job["method"], **job["options"]) if job["method"] else build(spec)
     x, y = batch(spec)
     make = train_step if job["method"] else floor_step
-    return step_memory(make(model, x, y, spec.autocast), spec.resolved_device())
+    return step_memory(make(model, x, y, spec.autocast, spec.make_task().loss),
+                       spec.resolved_device())
 
 
 def profile(
@@ -315,7 +326,9 @@ def profile(
     # on the CPU in a fresh subprocess per method, as the resident set cannot be attributed
     in_process = spec.memory and dev.type == "cuda"
     infer: dict[str, Callable[[], Any]] = {"base": lambda: run(base)}
-    steps: dict[str, Callable[[], None]] = {"floor": floor_step(build(spec), x, y, spec.autocast)}
+    loss = spec.make_task().loss
+    steps: dict[str, Callable[[], None]] = {
+        "floor": floor_step(build(spec), x, y, spec.autocast, loss)}
     floor_memory = step_memory(steps["floor"], dev) if in_process else {}
     skipped: dict[str, str] = {}
     for name, options in methods:
@@ -335,7 +348,7 @@ def profile(
         if impl.mergeable:
             merged = vpeft.merge(adapted).eval()
             infer[f"{name}/merged"] = lambda m=merged: run(m)
-        steps[name] = train_step(model, x, y, spec.autocast)
+        steps[name] = train_step(model, x, y, spec.autocast, loss)
         if in_process:
             row.update(step_memory(steps[name], dev))
         deployed = merged if impl.mergeable else adapted

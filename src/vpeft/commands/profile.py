@@ -13,6 +13,7 @@ Examples:
   vpeft profile --weights deit_tiny.safetensors --method lora --method-args rank=8
   vpeft profile --weights deit_tiny.safetensors --all --threads 2 --out profile.json
   vpeft profile --preset gpu --markdown
+  vpeft profile --task segmentation --decoder fpn --method e3va --method full --threads 2
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="gpu: every method, ViT-B/16 random init, batch 64, bf16 (explicit "
                         "flags override)")
+    p.add_argument("--task", choices=("image", "segmentation"), default="image",
+                   help="segmentation: the decoder in the head's place, per-pixel loss")
+    p.add_argument("--decoder", choices=("linear", "fpn"), default="fpn",
+                   help="segmentation decoder")
+    p.add_argument("--decoder-width", type=at_least(1), default=128,
+                   help="channels of the fpn decoder")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -121,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         train=not args.no_train,
         model_args=parse_key_values(args.model_args, "--model-args"),
         precision=args.precision,
+        task=args.task,
+        task_options=({"decoder": args.decoder, "decoder_width": args.decoder_width}
+                      if args.task == "segmentation" else {}),
     )
     err = Console(stderr=True)
     result = profile(spec, [(n, options) for n in names], progress=lambda m: err.log(m),

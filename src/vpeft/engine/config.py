@@ -24,8 +24,10 @@ from vpeft.core.config import coerce as coerce_value
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 HEAD_SOLVERS = ("lbfgs", "sgd")
-TASK_NAMES = ("image", "video")  # vpeft.tasks.TASKS (not imported here: this module is light)
+TASK_NAMES = ("image", "video", "segmentation")  # vpeft.tasks.TASKS (not imported here: this module is light)
 HEAD_INITS = ("random", "probe")
+DECODERS = ("linear", "fpn")  # vpeft.tasks.decoders.DECODERS
+EVAL_MODES = ("resize", "slide")
 
 
 def opt(default: Any = MISSING, help: str = "", *, saved: bool = True, compared: bool = True,
@@ -62,10 +64,18 @@ class TrainConfig:
     img_size: int | None = opt(
         None, "input side in pixels (default: the model's); ViT position embeddings are resampled")
     # -- data -------------------------------------------------------------------------------------
-    task: str = opt("image", "what the data is: image (classification) or video (clips of "
-                             "--frames frames, temporal mean pooling)", choices=TASK_NAMES)
+    task: str = opt("image", "what the data is: image (classification), video (clips of "
+                             "--frames frames, temporal mean pooling) or segmentation (a mask "
+                             "per image, a --decoder over several depths)", choices=TASK_NAMES)
     frames: int = opt(8, "video: frames per clip, one per equal segment (TSN sampling)")
     views: int = opt(1, "video: evaluation views per clip, their logits averaged")
+    decoder: str = opt("fpn", "segmentation: linear (1x1 classifier on the last block) or fpn "
+                              "(a feature pyramid over 4 depths)", choices=DECODERS)
+    decoder_width: int = opt(128, "segmentation: channels of the fpn decoder")
+    eval_mode: str = opt("resize", "segmentation: evaluate on the image resized to --img-size, or "
+                                   "by sliding windows of that size (short side at that size); "
+                                   "predictions are scored at the mask's full resolution",
+                         choices=EVAL_MODES)
     train_split: str = opt("train800val200", "split to train on (VTAB-1k: train800val200)")
     eval_split: str = opt("test", "split to evaluate on once, after training")
     val: bool = opt(False, "hyper-parameter search: train on train800, evaluate on val200")
@@ -135,6 +145,11 @@ class TrainConfig:
             (self.task in TASK_NAMES,
              f"task must be one of {', '.join(TASK_NAMES)}, got {self.task!r}"),
             (self.frames >= 1, f"frames must be >= 1, got {self.frames}"),
+            (self.decoder in DECODERS,
+             f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}"),
+            (self.decoder_width >= 1, f"decoder_width must be >= 1, got {self.decoder_width}"),
+            (self.eval_mode in EVAL_MODES,
+             f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {self.eval_mode!r}"),
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.head_solver in HEAD_SOLVERS,
              f"head_solver must be one of {', '.join(HEAD_SOLVERS)}, got {self.head_solver!r}"),
@@ -155,6 +170,11 @@ class TrainConfig:
     def splits(self) -> tuple[str, str]:
         """``(train split, evaluation split)``, with ``val`` applied."""
         return ("train800", "val200") if self.val else (self.train_split, self.eval_split)
+
+    def task_options(self) -> dict[str, Any]:
+        """What :func:`vpeft.tasks.make_task` takes (each task uses its own)."""
+        return {"frames": self.frames, "views": self.views, "decoder": self.decoder,
+                "decoder_width": self.decoder_width, "eval_mode": self.eval_mode}
 
     # -- dict / YAML ------------------------------------------------------------------------------
     @classmethod

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
 import vpeft
-from vpeft.data import data_config, eval_transform
+from vpeft.data import data_config
 from vpeft.engine.config import TrainConfig
 from vpeft.engine.model import build_backbone
 from vpeft.engine.rundir import RunDir
@@ -32,19 +31,24 @@ from vpeft.engine.runtime import (
     resolve_precision,
     seed_everything,
 )
-from vpeft.tasks import make_task
+from vpeft.tasks import Task, make_task
 
 logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalResult:
-    """Top-1 accuracy (percent), mean loss, and the predicted class of every image, in order."""
+    """The task's scores (``top1``; or ``miou``, ``pixel_accuracy``, ``per_class_iou``), the
+    mean loss, and for classification the predicted class of every image, in order."""
 
-    top1: float
+    metrics: dict[str, Any]
     loss: float
     images: int
     seconds: float
-    predictions: torch.Tensor
+    predictions: torch.Tensor | None = None
+
+    @property
+    def top1(self) -> float | None:
+        return self.metrics.get("top1")
 
     @property
     def images_per_second(self) -> float:
@@ -62,26 +66,27 @@ def deployed(model: nn.Module) -> nn.Module:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
-             show_progress: bool = True, desc: str = "eval", merge: bool = True) -> EvalResult:
-    """Top-1 of ``model`` on a loader prepared by ``accelerator``; every process gets it all.
+             show_progress: bool = True, desc: str = "eval", merge: bool = True,
+             task: Task | None = None, size: int | None = None) -> EvalResult:
+    """The ``task``'s scores (default: top-1 of image classification) of ``model`` on a loader
+    prepared by ``accelerator``; every process gets them all. ``size`` is the side the model was
+    trained at (segmentation's sliding windows).
 
     With ``merge`` a mergeable method is evaluated merged (a copy; ``model`` is left as it is).
     """
+    task = task or make_task("image")
     model = deployed(accelerator.unwrap_model(model)) if merge else model
     model.eval()
+    metric = task.metric(list(getattr(loader.dataset, "classes", None) or []))
     start = time.perf_counter()
-    preds, loss_sum, correct = [], 0.0, 0
     for images, labels in progress(loader, accelerator, show_progress, desc=desc):
         with accelerator.autocast():
-            logits = model(images)
-        logits, labels = accelerator.gather_for_metrics((logits.float().contiguous(), labels))
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        pred = logits.argmax(dim=-1)
-        correct += (pred == labels).sum().item()
-        preds.append(pred.cpu())
-    predictions = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-    n = len(predictions)
-    return EvalResult(top1=100.0 * correct / max(n, 1), loss=loss_sum / max(n, 1), images=n,
+            logits = task.infer(model, images, labels, size or images.shape[-1])
+        metric.update(*accelerator.gather_for_metrics((logits.float().contiguous(), labels)))
+    scores = metric.compute()
+    loss, images, predictions = scores.pop("loss"), scores.pop("images"), \
+        scores.pop("predictions", None)
+    return EvalResult(metrics=scores, loss=loss, images=images,
                       seconds=time.perf_counter() - start, predictions=predictions)
 
 
@@ -107,6 +112,7 @@ def load_run(run: str | Path, weights: str | None = None, data: str | None = Non
     seed_everything(config.seed)  # a random-init backbone (no pretrained weights) comes back too
     model = build_backbone(config.model, meta["base"]["num_classes"], weights or config.weights,
                            config.pretrained, config.img_size, config.model_args)
+    make_task(config.task, **config.task_options()).build(model)  # e.g. a decoder for masks
     vpeft.load(model, run)
     return model, config, folder.read_classes()
 
@@ -133,23 +139,27 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str | None = N
     if os.path.abspath(data) == config.data and split in TRAINED_ON.get(config.splits[0], ()):
         logger.warning("the run trained on %s, which holds the images of %s: this accuracy is on "
                        "training data, not held-out data", config.splits[0], split)
-    task = make_task(config.task, config.frames, config.views)
+    task = make_task(config.task, **config.task_options())
     dataset = task.open(data, split, classes=classes)
-    dataset.transform = eval_transform(data_config(model, config.img_size))
+    dataset.transform = task.transforms(data_config(model, config.img_size))[1]
     if batch_size is None:
         batch_size = config.eval_batch_size or config.batch_size  # saved values are >= 1
     loader = make_loader(dataset, batch_size, num_workers)
     loader = accelerator.prepare(loader)
     model.to(accelerator.device)
-    result = evaluate(task.wrap(model), loader, accelerator, show_progress)
-    logger.info("%s on %s/%s: top-1 %.2f%% (%d images)", config.method, data, split, result.top1,
-                result.images)
+    result = evaluate(task.wrap(model), loader, accelerator, show_progress, task=task,
+                      size=config.img_size)
+    logger.info("%s on %s/%s: %s %.2f%% (%d images)", config.method, data, split, task.score,
+                result.metrics[task.score], result.images)
     out = {
         "run": str(run), "method": config.method, "model": config.model, "data": str(data),
-        "split": split, "top1": result.top1, "loss": result.loss, "images": result.images,
+        "split": split, **result.metrics, "loss": result.loss, "images": result.images,
         "seconds": result.seconds, "images_per_second": result.images_per_second,
         **task.result_fields(),
     }
     if predictions:
+        if result.predictions is None:
+            raise ValueError(f"{task.name} runs have no per-image predictions to list; "
+                             "use `vpeft predict`")
         out["predictions"] = result.predictions.tolist()
     return out

@@ -38,7 +38,8 @@ def head_on_cached_features(run: Run, config: TrainConfig, model: nn.Module,
     once over the training set and the head trains on its cached features: ``(CachedHead, feature
     set, kind)``. Otherwise ``(model, train_set, "none")``.
     """
-    heads = trainable_heads(model) if config.cache_features and not config.hflip else None
+    cacheable = config.cache_features and not config.hflip and run.task.caches_features
+    heads = trainable_heads(model) if cacheable else None
     if not heads:
         return model, train_set, "none"
     net, features = cached_features(run, config, model, heads, train_set)
@@ -80,6 +81,9 @@ def head_from_probe(run: Run, config: TrainConfig, model: nn.Module,
     partly trained backbone would both waste the time and draw from the restored RNGs."""
     if config.head_init != "probe" or run.status == "resume":
         return None
+    if not run.task.caches_features:
+        raise ValueError(f"head_init=probe fits a linear probe on pooled features; the "
+                         f"{run.task.name} task's head does not read them (use --head-init random)")
     heads = get_view(model).heads
     if not heads:
         raise ValueError(f"head_init=probe needs a classifier head, and the view of {config.model} "

@@ -161,7 +161,8 @@ _last_plan: list[tuple[int, int, int] | None] = [None]
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None = None,
                 shuffle_seed: int | None = None, persistent: bool = False) -> DataLoader:
     """A training loader (``shuffle_seed`` given: :class:`EpochShuffle`, last partial batch
-    dropped) or an evaluation loader (in order, every sample).
+    dropped) or an evaluation loader (in order, every sample). A data set's own ``collate_fn``
+    (segmentation: masks padded to the batch's largest) makes its batches.
 
     ``persistent`` keeps worker processes between epochs; only for data sets whose items do not
     depend on the epoch (workers keep their copy of the data set). Torch's threads are set to the
@@ -174,6 +175,7 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None = Non
     sampler = (EpochShuffle(len(dataset), shuffle_seed, loader_rng) if train
                else SequentialSampler(dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                      collate_fn=getattr(dataset, "collate_fn", None),  # e.g. masks of any size
                       num_workers=workers, worker_init_fn=_seed_worker, generator=loader_rng,
                       pin_memory=torch.cuda.is_available(),
                       persistent_workers=persistent and workers > 0)

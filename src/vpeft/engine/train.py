@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from torch import nn
 
 import vpeft
-from vpeft.data import data_config, eval_transform
+from vpeft.data import data_config
 from vpeft.engine.checkpoint import (
     STATE_NAME,
     load_training_state,
@@ -164,7 +164,7 @@ def prepare_run(config: TrainConfig) -> Run:
     folder = RunDir(config.out)
     status = folder.status(config.overwrite, config.resume)
     saved = folder.read_config() if status == "resume" else None
-    task = make_task(config.task, config.frames, config.views)
+    task = make_task(config.task, **config.task_options())
     return Run(accelerator, folder, status, saved, precision, task)
 
 
@@ -180,13 +180,14 @@ def build_model(run: Run, config: TrainConfig, train_set: Any,
     """The adapted backbone, and the resolved config (checked against the resumed run's)."""
     model = build_backbone(config.model, train_set.num_classes, config.weights, config.pretrained,
                            config.img_size, config.model_args)
+    run.task.build(model)  # e.g. a segmentation decoder in the head's place
     dcfg = data_config(model, config.img_size)
     vpeft.adapt(model, config.method, **config.method_args)
     config = resolve(config, dcfg["input_size"][-1], run.precision)
     if run.saved is not None and (diff := config.differences(run.saved)):
         raise ValueError(f"cannot resume {run.folder.path} with other settings:\n  "
                          + "\n  ".join(diff))
-    train_set.transform = eval_set.transform = eval_transform(dcfg)
+    train_set.transform, eval_set.transform = run.task.transforms(dcfg, config.seed)
     train_set.hflip_seed = config.seed if config.hflip else None
     return model, config
 
@@ -269,7 +270,7 @@ def train_one_epoch(run: Run, config: TrainConfig, model: nn.Module, loop: Loop,
     accelerator, net, optimizer = run.accelerator, loop.net, loop.optimizer
     set_epoch(loop.loader, epoch)  # data order (and flips) from (seed, epoch)
     net.train()
-    totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, images
+    totals = torch.zeros(4, device=accelerator.device)  # loss sum, correct, counted, images
     bar = progress(loop.loader, accelerator, config.progress,
                    desc=f"epoch {epoch + 1}/{config.epochs}")
     lr = optimizer.param_groups[0]["lr"]
@@ -285,19 +286,21 @@ def train_one_epoch(run: Run, config: TrainConfig, model: nn.Module, loop: Loop,
         optimizer.step()
         loop.scheduler.step()  # per step: warm-up then cosine
         optimizer.zero_grad(set_to_none=True)
-        n = labels.new_tensor(len(labels))
-        totals += torch.stack([loss.detach().float() * n, (logits.argmax(-1) == labels).sum(),
-                               n]).float()
+        n = totals.new_tensor(len(labels))
+        correct, counted = run.task.correct(logits, labels)  # tensors: no wait for the GPU
+        totals += torch.stack([loss.detach().float() * n, correct.float(), counted.float(), n])
         if not bar.disable:  # .item() waits for the GPU: only when someone watches
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-    loss_sum, correct, count = accelerator.reduce(totals, "sum").tolist()
-    return loss_sum / count, 100.0 * correct / count, int(count), lr
+    loss_sum, correct, counted, count = accelerator.reduce(totals, "sum").tolist()
+    return loss_sum / count, 100.0 * correct / max(counted, 1), int(count), lr
 
 
 def evaluate_once(run: Run, config: TrainConfig, model: nn.Module, eval_set: Any) -> EvalResult:
-    """Top-1 and loss of the trained model on the evaluation split (the only evaluation)."""
+    """The task's scores and loss of the trained model on the evaluation split (the only
+    evaluation)."""
     loader = make_loader(eval_set, eval_batch_size(config), config.num_workers)
-    return evaluate(model, run.accelerator.prepare(loader), run.accelerator, config.progress)
+    return evaluate(model, run.accelerator.prepare(loader), run.accelerator, config.progress,
+                    task=run.task, size=config.img_size)
 
 
 def finish_run(run: Run, config: TrainConfig, results: dict[str, Any]) -> None:
@@ -306,8 +309,8 @@ def finish_run(run: Run, config: TrainConfig, results: dict[str, Any]) -> None:
         run.folder.write_results(results)
         run.folder.file(STATE_NAME).unlink(missing_ok=True)
         run.folder.finish()
-    run.log("%s on %s: top-1 %.2f%% on %s (%d images); %.1fs training, %.1f images/s",
-            config.method, config.data, results["top1"], config.eval_split,
+    run.log("%s on %s: %s %.2f%% on %s (%d images); %.1fs training, %.1f images/s",
+            config.method, config.data, run.task.score, results[run.task.score], config.eval_split,
             results["eval_images"], results["train_seconds"], results["images_per_second"])
     run.accelerator.wait_for_everyone()
 
@@ -320,7 +323,8 @@ def results_of(run: Run, config: TrainConfig, model: nn.Module, loop: Loop, resu
     memory, memory_kind = peak_memory_mb(run.accelerator.device)
     return {
         "method": config.method, "model": config.model, "data": config.data,
-        "train_split": config.train_split, "split": config.eval_split, "top1": result.top1,
+        "train_split": config.train_split, "split": config.eval_split, **result.metrics,
+        "metric": run.task.score,
         "eval_loss": result.loss, "eval_images": result.images, "train_images": train_images,
         "epochs": config.epochs, "steps": loop.steps_per_epoch * config.epochs,
         "img_size": config.img_size, "batch_size": config.batch_size, "lr": config.lr,
