@@ -17,6 +17,7 @@ from typing import Any
 from vpeft.bench.suites import TASK_GROUP
 from vpeft.core.checkpoint import atomic_write_text
 from vpeft.engine.config import TASK_NAMES
+from vpeft.engine.rundir import METRIC_NAMES, result_score
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -37,8 +38,10 @@ def collect(results_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(results_dir.rglob("results.json")):
         r = read_json(path)
-        if r.get("split", "test") != "test":  # hyper-parameter runs (val200) are not results
+        # hyper-parameter runs (train800 -> val200) are not results
+        if r.get("split") == "val200" or r.get("train_split") == "train800":
             continue
+        r["metric"], r["score"] = result_score(r)
         if r.get("task") in TASK_NAMES:  # the engine's task kind; "task" here is the data set
             r["application"] = r.pop("task")
         bench = path.parent / "bench.json"  # task, label and group as the bench runner saw them
@@ -63,11 +66,12 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     params: dict[str, tuple[int, int]] = {}
     groups: dict[str, str] = {}
     for r in rows:
-        by[r["label"]][r["task"]].append(float(r["top1"]))
+        by[r["label"]][r["task"]].append(r["score"])
         params[r["label"]] = (r["trainable_params"], r["trainable_params_no_head"])
         groups[r["task"]] = r["group"]
     tasks = sorted(groups, key=lambda t: (groups[t], t))
-    out: dict[str, Any] = {"tasks": tasks, "groups": groups, "methods": {}}
+    metrics = sorted({r["metric"] for r in rows})
+    out: dict[str, Any] = {"tasks": tasks, "groups": groups, "methods": {}, "metrics": metrics}
     for label, per_task in by.items():
         stats = {t: (*_mean_std(v), len(v)) for t, v in per_task.items()}
         complete = all(t in stats for t in tasks)
@@ -113,7 +117,8 @@ def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
     lines = [
         "# vpeft benchmark report",
         "",
-        "Top-1 (%) on each task's test split, mean ± std over seeds (n = seeds). "
+        f"{score_name(agg)} (%) on each task's evaluation split, mean ± std over seeds "
+        "(n = seeds). "
         "*mean (tasks)* is the plain mean over tasks; *mean (groups)* the mean of the "
         "per-group means (VTAB-1k convention). Where a suite searches hyper-parameters, "
         "the choice is made on val200 only (see each run's choice.json).",
@@ -167,12 +172,21 @@ def markdown(agg: dict[str, Any], profile: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def score_name(agg: dict[str, Any]) -> str:
+    """What the scores are: Top-1, mIoU, or both (per task: top-1 of classification tasks,
+    mIoU of segmentation ones)."""
+    names = [METRIC_NAMES.get(m, m) for m in agg.get("metrics", ["top1"])]
+    return names[0] if len(names) == 1 else "Score (" + " or ".join(names) + " by task)"
+
+
 def _f(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
 def write_csv(agg: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = agg.get("metrics", ["top1"])
+    key = metrics[0] if len(metrics) == 1 else "score"
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
@@ -180,8 +194,8 @@ def write_csv(agg: dict[str, Any], path: Path) -> None:
                 "method",
                 "task",
                 "group",
-                "top1_mean",
-                "top1_std",
+                f"{key}_mean",
+                f"{key}_std",
                 "seeds",
                 "trainable_params",
                 "trainable_params_no_head",

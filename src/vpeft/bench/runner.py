@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from vpeft.bench.suites import MethodEntry, Suite
 from vpeft.core.checkpoint import atomic_write_text
 from vpeft.engine import TrainConfig, train
+from vpeft.engine.rundir import result_score
 from vpeft.registry import missing_requirements
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def choose(
             val=True,
             progress=False,
         )
-        scores.append((train(cfg)["top1"], setting))
+        scores.append((result_score(train(cfg))[1], setting))
         bar.update()
     best = max(scores, key=lambda s: s[0])  # ties: the first setting listed wins
     atomic_write_text(

@@ -90,9 +90,12 @@ class Suite:
         return cls(**d)
 
     def resolve_tasks(self, data_root: Path) -> tuple[list[str], list[str]]:
-        """(tasks present, tasks missing) under ``data_root``; a task is a VTAB-1k folder."""
+        """(tasks present, tasks missing) under ``data_root``. Found by themselves: the VTAB-1k
+        folders; listed ones: any folder (a segmentation or video task names its splits in
+        ``task_train``)."""
         if self.tasks:
-            present = [t for t in self.tasks if (data_root / t / "train800val200.txt").is_file()]
+            present = [t for t in self.tasks if (data_root / t / "train800val200.txt").is_file()
+                       or (t in self.task_train and (data_root / t).is_dir())]
             return present, [t for t in self.tasks if t not in present]
         found = sorted(p.parent.name for p in data_root.glob("*/train800val200.txt"))
         return found, []

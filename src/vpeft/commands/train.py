@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     check_weights_file(config.weights)
     results = train(config)
     if PartialState().is_main_process:
-        keys = ("method", "model", "split", "top1", "trainable_params", "train_seconds",
-                "images_per_second")
-        print(json.dumps({k: results[k] for k in keys}))
+        keys = ("method", "model", "split", "top1", "miou", "pixel_accuracy", "trainable_params",
+                "train_seconds", "images_per_second")
+        print(json.dumps({k: results[k] for k in keys if k in results}))
     return 0

@@ -24,7 +24,8 @@ from vpeft.core.config import coerce as coerce_value
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 HEAD_SOLVERS = ("lbfgs", "sgd")
-TASK_NAMES = ("image", "video", "segmentation")  # vpeft.tasks.TASKS (not imported here: this module is light)
+# vpeft.tasks.TASKS (not imported here: this module is light)
+TASK_NAMES = ("image", "video", "segmentation")
 HEAD_INITS = ("random", "probe")
 DECODERS = ("linear", "fpn")  # vpeft.tasks.decoders.DECODERS
 EVAL_MODES = ("resize", "slide")

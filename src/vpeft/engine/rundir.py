@@ -136,3 +136,15 @@ class RunDir:
 
     def read_results(self) -> dict[str, Any]:
         return json.loads(self.file(RESULTS_FILE).read_text())
+
+
+METRIC_NAMES = {"top1": "Top-1", "miou": "mIoU"}  # how reports name a task's score
+
+
+def result_score(results: dict[str, Any]) -> tuple[str, float]:
+    """``(metric, value)`` of a ``results.json``: the task's score (``metric`` names it; runs
+    written before it existed are classification, top-1)."""
+    metric = results.get("metric") or "top1"
+    if metric not in results:
+        raise ValueError(f"results name {metric!r} as their score but do not hold it")
+    return metric, float(results[metric])

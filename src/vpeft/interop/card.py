@@ -19,7 +19,8 @@ MARKER = "<!-- vpeft model card: rewritten by vpeft; remove this line to keep yo
 RESULTS_NAME = "results.json"  # what a run folder holds beside its adapter (engine.rundir)
 RUN_CONFIG_NAME = "config.yaml"
 # results.json fields shown, in this order, when present
-_RESULT_FIELDS = ("data", "train_split", "split", "top1", "eval_loss", "eval_images", "epochs",
+_RESULT_FIELDS = ("data", "task", "train_split", "split", "top1", "miou", "pixel_accuracy",
+                  "eval_loss", "eval_images", "epochs",
                   "batch_size", "lr", "seed", "img_size", "trainable_params",
                   "trainable_params_no_head", "total_params", "train_seconds",
                   "images_per_second", "device", "precision")

@@ -26,6 +26,7 @@ class Task:
     # whether a run that trains only the head may train it on cached pooled features
     caches_features: ClassVar[bool] = True
     score: ClassVar[str] = "top1"  # the result that ranks runs of this task (percent)
+    predicts: ClassVar[str] = "labels"  # what `vpeft predict` writes: labels (CSV) or masks (PNG)
 
     def build(self, model: nn.Module) -> None:
         """Change the freshly built backbone for this task, before it is adapted (a decoder in

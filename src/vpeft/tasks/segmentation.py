@@ -130,6 +130,7 @@ class SegmentationTask(Task):
     eval_mode: str = "resize"
     name = "segmentation"
     caches_features = False  # the decoder reads block outputs, not the pooled features
+    predicts = "masks"
     score = "miou"
 
     @classmethod
@@ -180,14 +181,12 @@ class SegmentationTask(Task):
     def infer(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
               size: int) -> torch.Tensor:
         """Logits at each mask's full resolution, ``(B, K, Hm, Wm)`` (padding included)."""
-        if self.eval_mode == "slide":
-            logits = slide(model, images, size)
-        else:
-            logits = model(images)
+        slides = self.eval_mode == "slide"
+        logits = slide(model, images, size) if slides else model(images)
         out = logits.new_zeros(*logits.shape[:2], *labels.shape[-2:])
         for i, mask in enumerate(labels):
             h, w = mask_size(mask)
-            if self.eval_mode == "slide":  # the part of the padded batch this image covers
+            if slides:  # the part of the padded batch this image covers
                 scale = size / max(1, min(h, w))
                 ih, iw = round(h * scale), round(w * scale)
                 fh = round(ih * logits.shape[-2] / images.shape[-2])
