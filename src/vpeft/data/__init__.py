@@ -1,4 +1,4 @@
-"""Data: VTAB-1k list files, image folders and idx files; preprocessing from the model.
+"""Data: VTAB-1k list files, image folders and idx files; segmentation pairs; preprocessing.
 
 >>> ds = open_dataset("../shared/data/vtab1k/cifar10", "train800val200")
 >>> ds.transform = eval_transform(data_config(model))
@@ -14,18 +14,32 @@ from vpeft.data.datasets import (
     write_list_split,
 )
 from vpeft.data.idx import IdxError, read_idx, write_idx
+from vpeft.data.segmentation import (
+    IGNORE_INDEX,
+    SegEvalTransform,
+    SegmentationDataset,
+    SegTrainTransform,
+    collate_segmentation,
+    open_segmentation_dataset,
+)
 from vpeft.data.transforms import data_config, eval_transform, model_input_size
 
 __all__ = [
+    "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "DataError",
     "IdxError",
     "ImageDataset",
+    "SegEvalTransform",
+    "SegTrainTransform",
+    "SegmentationDataset",
     "available_splits",
+    "collate_segmentation",
     "data_config",
     "eval_transform",
     "model_input_size",
     "open_dataset",
+    "open_segmentation_dataset",
     "read_classes",
     "read_idx",
     "write_idx",
