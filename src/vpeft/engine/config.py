@@ -25,7 +25,7 @@ from vpeft.core.config import coerce as coerce_value
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 HEAD_SOLVERS = ("lbfgs", "sgd")
 # vpeft.tasks.TASKS (not imported here: this module is light)
-TASK_NAMES = ("image", "video", "segmentation")
+TASK_NAMES = ("image", "segmentation", "video")
 HEAD_INITS = ("random", "probe")
 DECODERS = ("linear", "fpn")  # vpeft.tasks.decoders.DECODERS
 EVAL_MODES = ("resize", "slide")
