@@ -34,7 +34,7 @@ from vpeft.data.datasets import read_list
 from vpeft.data.segmentation import ANN_DIR, IGNORE_INDEX, IMG_DIR
 from vpeft.data.synthetic_video import MotionSpec, mosaic, source_images
 
-LOW, HIGH = 0.2, 0.6  # object opacity: below LOW the pixel keeps its label, from HIGH it is the object's
+LOW, HIGH = 0.2, 0.6  # opacity: below LOW a pixel keeps its label, from HIGH it is the object
 SPLIT_SOURCES = {"train": "train800", "val": "val200", "test": "test"}  # split -> source list
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "bar")  # objects without --objects
 FORMATS = ("jpg", "png")
