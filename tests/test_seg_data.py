@@ -174,6 +174,9 @@ def _expect(data: Path, split: str, *patterns: str, **kwargs) -> None:
 
 
 def test_a_missing_mask_or_image_names_the_file(data: Path) -> None:
+    Image.new("RGB", (48, 48)).save(data / "img_dir/train/000002.jpg")
+    _expect(data, "train", "000002.jpg", "000002.png", "share the name")
+    (data / "img_dir/train/000002.jpg").unlink()
     (data / "ann_dir/train/000002.png").unlink()
     _expect(data, "train", "000002.png", "has no mask")
     (data / "img_dir/val/000001.png").unlink()

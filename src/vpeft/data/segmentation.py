@@ -205,8 +205,12 @@ def _folder_pairs(root: Path, split: str, names_file: Path | None
     img_dir, ann_dir = root / IMG_DIR / split, root / ANN_DIR / split
     if not ann_dir.is_dir():
         raise DataError(f"{img_dir} has no mask folder {ann_dir}")
-    found = {p.stem: p for p in sorted(img_dir.iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    found: dict[str, Path] = {}
+    for p in sorted(img_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.stem in found:
+                raise DataError(f"images {found[p.stem]} and {p} share the name of one mask")
+            found[p.stem] = p
     masks = {p.stem: p for p in ann_dir.glob("*.png")}
     if names_file is None:
         names = sorted(found)
