@@ -143,9 +143,10 @@ def compose(rng: np.random.Generator, spec: SegSpec, backgrounds: list[Path],
     image = mosaic(rng, MotionSpec(size=size, tiles=1), backgrounds).astype(np.float32)
     mask = np.zeros((size, size), np.uint8)
     by_class = [[s for s, k in pool if k == c] for c in range(num_classes)]
+    present = [c for c in range(num_classes) if by_class[c]]  # a small source split may lack one
     objects = []
     for _ in range(int(rng.integers(spec.objects[0], spec.objects[1] + 1))):
-        k = int(rng.integers(num_classes))
+        k = present[rng.integers(len(present))]
         source = by_class[k][rng.integers(len(by_class[k]))]
         side = max(2, round(rng.uniform(*spec.scale) * size))
         y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
