@@ -20,7 +20,9 @@ with nearest neighbour (torchvision's rule for ``tv_tensors.Mask``).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +191,10 @@ def open_segmentation_dataset(root: str | Path, split: str, classes: list[str] |
                         f"{', '.join(segmentation_splits(root)) or 'none'}")
     if not images:
         raise DataError(f"split '{split}' of {root} holds no images")
-    if check:
-        for image, mask, origin in zip(images, masks, origins):
-            _check_pair(image, mask, origin, len(classes))
+    if check:  # PIL decodes without the GIL: threads make this scale with the cores
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            # map yields in order, so the error raised is that of the first bad pair
+            list(pool.map(_check_pair, images, masks, origins, [len(classes)] * len(images)))
     ds = SegmentationDataset(root, split, layout, classes, images, masks, origins)
     logger.debug("opened %r", ds)
     return ds
@@ -202,8 +205,12 @@ def _folder_pairs(root: Path, split: str, names_file: Path | None
     img_dir, ann_dir = root / IMG_DIR / split, root / ANN_DIR / split
     if not ann_dir.is_dir():
         raise DataError(f"{img_dir} has no mask folder {ann_dir}")
-    found = {p.stem: p for p in sorted(img_dir.iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    found: dict[str, Path] = {}
+    for p in sorted(img_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.stem in found:
+                raise DataError(f"images {found[p.stem]} and {p} share the name of one mask")
+            found[p.stem] = p
     masks = {p.stem: p for p in ann_dir.glob("*.png")}
     if names_file is None:
         names = sorted(found)
@@ -253,7 +260,10 @@ def _check_pair(image: Path, mask_path: Path, origin: str, num_classes: int) -> 
     if mask.size != size:
         raise DataError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
                         f"{image} is {size[0]}x{size[1]} (width x height)")
-    counts = np.bincount(np.asarray(mask).ravel(), minlength=256)
+    values = np.asarray(mask)
+    if values.max() < num_classes:
+        return
+    counts = np.bincount(values.ravel(), minlength=256)
     counts[IGNORE_INDEX] = 0
     bad = np.flatnonzero(counts[num_classes:])
     if len(bad):

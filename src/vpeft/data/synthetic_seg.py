@@ -34,7 +34,7 @@ from vpeft.data.datasets import read_list
 from vpeft.data.segmentation import ANN_DIR, IGNORE_INDEX, IMG_DIR
 from vpeft.data.synthetic_video import MotionSpec, mosaic, source_images
 
-LOW, HIGH = 0.2, 0.6  # object opacity: below LOW the pixel keeps its label, from HIGH it is the object's
+LOW, HIGH = 0.2, 0.6  # opacity: below LOW a pixel keeps its label, from HIGH it is the object
 SPLIT_SOURCES = {"train": "train800", "val": "val200", "test": "test"}  # split -> source list
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "bar")  # objects without --objects
 FORMATS = ("jpg", "png")
@@ -143,9 +143,10 @@ def compose(rng: np.random.Generator, spec: SegSpec, backgrounds: list[Path],
     image = mosaic(rng, MotionSpec(size=size, tiles=1), backgrounds).astype(np.float32)
     mask = np.zeros((size, size), np.uint8)
     by_class = [[s for s, k in pool if k == c] for c in range(num_classes)]
+    present = [c for c in range(num_classes) if by_class[c]]  # a small source split may lack one
     objects = []
     for _ in range(int(rng.integers(spec.objects[0], spec.objects[1] + 1))):
-        k = int(rng.integers(num_classes))
+        k = present[rng.integers(len(present))]
         source = by_class[k][rng.integers(len(by_class[k]))]
         side = max(2, round(rng.uniform(*spec.scale) * size))
         y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
