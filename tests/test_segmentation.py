@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, tiny_model
 from PIL import Image
 
 import vpeft
@@ -26,6 +24,8 @@ from vpeft.tasks.segmentation import (
     segmentation_loss,
     slide,
 )
+
+from conftest import IMG, tiny_model
 
 # the methods the issue names, on a plain and on hierarchical families
 SEG_METHODS = ["linear", "bitfit", "lora", "adaptformer", "ssf", "full", "mona", "e3va"]
@@ -50,7 +50,7 @@ def test_feature_blocks_plain_evenly_spaced_hierarchical_stage_ends():
     assert feature_blocks(view) == [1, 4, 5, 7]  # the last block of each stage
 
 
-@pytest.mark.parametrize("kind", SEG_KINDS + ["resnet"])
+@pytest.mark.parametrize("kind", [*SEG_KINDS, "resnet"])
 @pytest.mark.parametrize("decoder", ["linear", "fpn"])
 def test_decoder_is_the_head_and_returns_dense_logits(kind: str, decoder: str):
     model = seg_model(kind, decoder=decoder)
@@ -162,7 +162,7 @@ def test_confusion_matrix_scores_by_hand():
 def test_collate_pads_masks_so_their_size_is_known():
     a = (torch.zeros(3, 4, 4), torch.zeros(4, 6, dtype=torch.long))
     b = (torch.zeros(3, 4, 4), torch.full((5, 3), IGNORE))
-    images, masks = collate_masks([a, b])
+    _, masks = collate_masks([a, b])
     assert masks.shape == (2, 5, 6)
     assert mask_size(masks[0]) == (4, 6) and mask_size(masks[1]) == (5, 3)
 

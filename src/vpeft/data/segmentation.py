@@ -352,12 +352,12 @@ def _pad_stack(tensors: Sequence[Tensor], value: float) -> Tensor:
                         for t in tensors])
 
 
-def collate_segmentation(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def collate_segmentation(batch: Sequence[tuple[Tensor, Tensor]],
+                         mask_pad: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
     """``(B, C, H, W)`` images and ``(B, Hm, Wm)`` long masks. Images of different sizes (eval
     ``"slide"``) are padded right/bottom with 0 (the normalised mean, not black); masks with
-    :data:`IGNORE_INDEX` to the largest mask, so that padding is never scored. A prediction is
-    cropped to ``(H_i, W_i)`` of its own image before being resized to its mask; the collated
-    batch does not carry those sizes, so sliding-window evaluation of images of different shapes
-    runs with batch size 1 (or on data sets whose images share a shape: then nothing is padded)."""
-    images, masks = zip(*batch)
-    return _pad_stack(images, 0.0), _pad_stack([m.long() for m in masks], IGNORE_INDEX)
+    ``mask_pad`` to the largest mask: :data:`IGNORE_INDEX` by default, so that padding is never
+    scored; vpeft's segmentation task pads with -1 instead, which tells each mask's own size
+    (and so the part of the padded image that is the image) apart from ignored pixels."""
+    images, masks = zip(*batch, strict=True)
+    return _pad_stack(images, 0.0), _pad_stack([m.long() for m in masks], mask_pad)

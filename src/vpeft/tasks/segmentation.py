@@ -18,10 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpeft.data.segmentation import IGNORE_INDEX as IGNORE
+from vpeft.data.segmentation import (
+    SegEvalTransform,
+    SegTrainTransform,
+    collate_segmentation,
+    open_segmentation_dataset,
+)
 from vpeft.tasks.base import Task
 from vpeft.tasks.decoders import DECODERS, install_decoder
 
-IGNORE = 255  # label of pixels that count for nothing (boundaries, unlabelled)
 PAD = -1  # label of the pixels that evaluation batches add to masks of smaller images
 EVAL_MODES = ("resize", "slide")
 
@@ -30,15 +36,7 @@ def collate_masks(batch: list[tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images padded with 0 and masks with :data:`PAD` (right and bottom) to the largest of the
     batch, so each mask's true size is still known (:func:`mask_size`)."""
-    images, masks = zip(*batch, strict=True)
-    return _pad_stack(images, 0), _pad_stack(masks, PAD)
-
-
-def _pad_stack(items: tuple[torch.Tensor, ...], value: int) -> torch.Tensor:
-    h = max(t.shape[-2] for t in items)
-    w = max(t.shape[-1] for t in items)
-    return torch.stack([F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=value)
-                        for t in items])
+    return collate_segmentation(batch, mask_pad=PAD)
 
 
 def mask_size(mask: torch.Tensor) -> tuple[int, int]:
@@ -146,8 +144,6 @@ class SegmentationTask(Task):
 
     def open(self, root: str | Path, split: str, classes: list[str] | None = None,
              train: bool = False, seed: int = 0) -> Any:
-        from vpeft.data.segmentation import open_segmentation_dataset
-
         dataset = open_segmentation_dataset(root, split, classes=classes)
         dataset.collate_fn = collate_masks
         return dataset
@@ -156,8 +152,6 @@ class SegmentationTask(Task):
         install_decoder(model, self.decoder, self.decoder_width)
 
     def transforms(self, data_cfg: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
-        from vpeft.data.segmentation import SegEvalTransform, SegTrainTransform
-
         size, mean, std = data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"]
         return (SegTrainTransform(size, mean, std, seed=seed),
                 SegEvalTransform(size, mean, std, mode=self.eval_mode))
