@@ -34,13 +34,14 @@ from vpeft.tasks import make_task
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def shuffled_top1(run: Path, frames: int, workers: int) -> float:
-    """Top-1 of the run's model on its test split with every clip's frames shuffled."""
+def shuffled_top1(run: Path, frames: int, workers: int, seed: int = 0) -> float:
+    """Top-1 of the run's model on its test split with every clip's frames shuffled (a random
+    order per clip, drawn from ``seed`` and the clip's index)."""
     model, config, classes = load_run(run)
     task = make_task("video", frames=frames, views=config.views)
     ds = task.open(config.data, config.eval_split, classes=classes)
     ds.transform = eval_transform(data_config(model, config.img_size))
-    ds.shuffle_seed = 0
+    ds.shuffle_seed = seed
     acc = make_accelerator("no", cpu=True)
     loader = acc.prepare(make_loader(ds, config.batch_size, workers))
     return evaluate(task.wrap(model), loader, acc, show_progress=False).top1

@@ -44,13 +44,25 @@ def clip_model(method: str | None, kind: str = "vit", **options) -> ClipModel:
     return ClipModel(model)
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Move every trainable tensor off its (zero) init, as training would."""
+def perturb(model: torch.nn.Module, seed: int = 0, keep: str | None = None) -> None:
+    """Move every trainable tensor (but those whose name contains ``keep``) off its (zero) init,
+    as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
+        for n, p in model.named_parameters():
+            if p.requires_grad and not (keep and keep in n):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def sharpen_attention(model: torch.nn.Module, factor: float = 8.0) -> None:
+    """Scale the frozen query/key projections: a random-init ViT attends almost uniformly, a
+    pre-trained one does not (AIM reads frame order through the frozen attention pattern)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".qkv.weight"):
+                q, k, _ = p.chunk(3)
+                q.mul_(factor)
+                k.mul_(factor)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +214,7 @@ def test_temporal_methods_see_frame_order_frame_wise_ones_do_not(method: str):
     x = clips()
     order = torch.tensor([2, 0, 3, 1])
     temporal, framewise = clip_model(method).eval(), clip_model("lora").eval()
+    sharpen_attention(temporal)
     perturb(temporal)
     perturb(framewise)
     with torch.no_grad():
@@ -235,6 +248,54 @@ def test_on_clips_only_method_tensors_and_head_train(method: str, tmp_path: Path
     restored = ClipModel(vpeft.load(tiny_model("vit"), tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(x), model.eval()(x))
+
+
+def _aim_grads(model: ClipModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), torch.arange(len(x)) % NUM_CLASSES).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def test_aim_learns_order_from_the_first_step():
+    """Why AIM stayed at chance on the motion benchmark, and the fix. With the official code's
+    placement (a zero-init embedding added to the input tokens), the zero-init model is invariant
+    to frame order, so at init every adapter's gradient is the same for a clip and its reverse:
+    order can only enter as (embedding x up-projection), both zero, a saddle. With the embedding
+    inside the temporal attention (random init, default), the temporal adapters' up-projections
+    get an order-dependent gradient at once, while the model still starts as the frame-wise base
+    (``test_zero_init_is_the_frame_wise_base``)."""
+    torch.manual_seed(0)
+    x = clips()
+    official = clip_model("aim", embed_at="input")
+    fwd, rev = _aim_grads(official, x), _aim_grads(official, x.flip(1))
+    adapters = [n for n in fwd if "time_embed" not in n and "head" not in n]
+    assert adapters and all(fwd[n].abs().sum() > 0 for n in adapters if ".up." in n)
+    for n in adapters:
+        torch.testing.assert_close(fwd[n], rev[n], rtol=1e-4, atol=1e-7, msg=n)
+    model = clip_model("aim")
+    sharpen_attention(model)
+    fwd, rev = _aim_grads(model, x), _aim_grads(model, x.flip(1))
+    temporal_up = [n for n in fwd if n.endswith("adapter.up.weight")]
+    assert temporal_up
+    for n in temporal_up:
+        assert not torch.allclose(fwd[n], rev[n], rtol=1e-3, atol=1e-6), n
+
+
+@pytest.mark.parametrize("embed_at,sees_order", [("temporal", True), ("input", False)])
+def test_aim_sees_order_only_through_its_embedding(embed_at: str, sees_order: bool):
+    """Every adapter and the head off their init, the embedding left at its init: reversing the
+    frames changes the logits when the (random-init) embedding is inside the temporal attention;
+    with the official placement (the embedding still zero) the frozen attention over frames is
+    permutation-equivariant and the mean over frames makes the clip model exactly order-blind."""
+    torch.manual_seed(0)
+    model = clip_model("aim", embed_at=embed_at).eval()
+    sharpen_attention(model)
+    perturb(model, keep="time_embed")
+    with torch.no_grad():
+        x = clips()
+        same = torch.allclose(model(x), model(x.flip(1)), rtol=1e-5, atol=1e-5)
+    assert same != sees_order
 
 
 def test_aim_temporal_embedding_resamples_to_other_lengths():

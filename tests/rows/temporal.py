@@ -30,6 +30,7 @@ ROWS = [
     Row("aim", aim, backbones=VIT + EVA),
     Row("aim", lambda d: aim(d, 0.5, 0, 2), {"ratio": 0.5, "frames": 0,
                                              "parts": ("temporal", "joint")}),
+    Row("aim", aim, {"embed_at": "input"}, backbones=("vit",)),  # the official code's placement
     Row("st-adapter", st_adapter, backbones=VIT + EVA),
     Row("st-adapter", lambda d: st_adapter(d, 4, 3, 1), {"width": 4, "blocks": (0,)}),
 ]

@@ -10,11 +10,25 @@ In every block, three bottleneck adapters around the frozen layers (official cod
   ``attn(z) + S_adapter(attn(z))``;
 * **joint**: an adapter beside the MLP: ``x + mlp(xn) + s * MLP_adapter(xn)``, ``s = 0.5``.
 
-Adapters are ``fc2(GELU(fc1(x)))`` of width ``0.25 D`` with ``fc2`` zero-initialised, and a
-learned temporal position embedding (``frames x D``, zero-initialised) is added to every token
-before the first block, so the adapted model starts as the frame-wise base. On ViT-B/16 with 8
-frames that is 10,657,536 parameters besides the head (10.97M with a Kinetics-400 head; the
-paper's 11M). A clip of another length than ``frames`` gets the embedding resampled linearly.
+Adapters are ``fc2(GELU(fc1(x)))`` of width ``0.25 D`` with ``fc2`` zero-initialised, so the
+adapted model starts as the frame-wise base, plus one learned temporal position embedding
+(``frames x D``). On ViT-B/16 with 8 frames that is 10,657,536 parameters besides the head
+(10.97M with a Kinetics-400 head; the paper's 11M). A clip of another length than ``frames``
+gets the embedding resampled linearly.
+
+Where the embedding goes (``embed_at``) is the one departure from the official code, and why:
+
+* ``'input'`` (the official code): zero-initialised, added to every token before the first block.
+  At init the frozen attention over frames is permutation-equivariant and the clip model
+  averages frames, so the model, and every adapter's gradient, is blind to frame order; order
+  can enter only as (embedding x temporal up-projection), both zero: a saddle. On a label that
+  only order decides (the generated zoom-in / zoom-out task, ``docs/benchmarks.md`` "Video")
+  it stayed at chance.
+* ``'temporal'`` (default): the same single embedding, random-initialised (std ``embed_std``,
+  the scale of the normed tokens), added to the normed tokens every temporal attention reads,
+  ``T_adapter(attn_t(norm1(x) + e))``. The frozen attention then weighs frames by position from
+  the start, the temporal up-projections get an order-dependent gradient at the first step,
+  and, ``fc2`` being zero, the model still starts as the frame-wise base.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from vpeft.core.temporal import (
 from vpeft.registry import register
 
 PARTS = ("temporal", "spatial", "joint")
+EMBED_AT = ("temporal", "input")
 
 
 @dataclass
@@ -51,6 +66,12 @@ class AIMConfig(MethodConfig):
     frames: int = option(8, "Length of the learned temporal position embedding (0: none); "
                             "clips of another length resample it.")
     parts: tuple[str, ...] = option(PARTS, "Which adapters: temporal, spatial, joint.")
+    embed_at: str = option("temporal", "Where the temporal embedding goes: 'temporal' (inside "
+                                       "every temporal attention, after its norm, random init) "
+                                       "or 'input' (the official code: every token before the "
+                                       "first block, zero init; see the module docstring).")
+    embed_std: float = option(1.0, "Init std of the embedding with embed_at='temporal' (the "
+                                   "scale of the normed tokens it is added to).")
 
     def validate(self) -> None:
         if not 0 < self.ratio <= 4:
@@ -59,20 +80,37 @@ class AIMConfig(MethodConfig):
             raise ValueError(f"aim frames must be >= 0, got {self.frames}")
         if not self.parts or set(self.parts) - set(PARTS):
             raise ValueError(f"aim parts must be among {PARTS}, got {self.parts}")
+        if self.embed_at not in EMBED_AT:
+            raise ValueError(f"aim embed_at must be one of {EMBED_AT}, got {self.embed_at!r}")
+        if self.embed_at == "temporal" and self.frames and "temporal" not in self.parts:
+            raise ValueError("aim embed_at='temporal' needs the temporal adapter in parts")
+        if self.embed_std < 0:
+            raise ValueError(f"aim embed_std must be >= 0, got {self.embed_std}")
 
 
 class TemporalAttention(Wrapper):
-    """A block preceded by ``x + adapter(attn(norm(x)))`` along time, the attention and norm
-    being the block's own frozen ones (held by reference: their weights stay in the block)."""
+    """A block preceded by ``x + adapter(attn(norm(x) [+ e]))`` along time, the attention and norm
+    being the block's own frozen ones (held by reference: their weights stay in the block).
+
+    ``embed`` is the temporal embedding ``(frames, D)``: this wrapper owns it (registers it as
+    ``time_embed``) when ``own_embed``, else only uses it (the first block's, shared). With
+    ``embed_at='input'`` the owner adds it to every token before the block; with ``'temporal'``
+    every wrapper adds it to the normed tokens its temporal attention reads.
+    """
 
     def __init__(self, block: nn.Module, attn: nn.Module, norm: nn.Module, dim: int,
-                 hidden: int, embed_frames: int = 0) -> None:
+                 hidden: int, embed: nn.Parameter | None = None, own_embed: bool = False,
+                 embed_at: str = "temporal") -> None:
         super().__init__(block)
         self.adapter = Bottleneck(dim, hidden) if hidden else None
         object.__setattr__(self, "attn_t", attn)  # not registered: no second copy of the weights
         object.__setattr__(self, "norm_t", norm)
-        self.time_embed = (nn.Parameter(torch.zeros(embed_frames, dim)) if embed_frames
-                           else None)
+        self.embed_at = embed_at
+        self.own_embed = own_embed
+        if own_embed:
+            self.time_embed = embed
+        else:
+            object.__setattr__(self, "time_embed", embed)
 
     def embedding(self, frames: int) -> torch.Tensor:
         """The temporal embedding for ``frames`` frames, ``(frames, D)``."""
@@ -84,12 +122,15 @@ class TemporalAttention(Wrapper):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         frames = current_frames()
-        if self.time_embed is not None:  # (B*T, N, D) + (T, D) per clip
-            clips = split_clips(x, frames, "aim")
-            x = (clips + self.embedding(frames)[None, :, None, :]).view_as(x)
+        e = self.embedding(frames) if self.time_embed is not None else None
+        if e is not None and self.own_embed and self.embed_at == "input":
+            clips = split_clips(x, frames, "aim")  # (B*T, N, D) + (T, D) per clip
+            x = (clips + e[None, :, None, :]).view_as(x)
         if self.adapter is not None:
-            xt = time_major(x, frames, "aim")  # (B*N, T, D)
-            x = x + frame_major(self.adapter(self.attn_t(self.norm_t(xt))), x.shape[1])
+            xt = self.norm_t(time_major(x, frames, "aim"))  # (B*N, T, D)
+            if e is not None and self.embed_at == "temporal":
+                xt = xt + e
+            x = x + frame_major(self.adapter(self.attn_t(xt)), x.shape[1])
         return self.base(x, *args, **kwargs)
 
 
@@ -107,6 +148,14 @@ class AIM(Method):
         patch_layout(model, view, self.name)  # token blocks, or MissingPartError
         view.require("attn", "mlp", "norms", method=self.name)
         cfg: AIMConfig = self.config
+        embed = None
+        if cfg.frames:
+            if cfg.embed_at == "temporal" and len(set(view.block_dims)) > 1:
+                raise ValueError("aim embed_at='temporal' needs blocks of one width; use "
+                                 "embed_at='input' or frames=0")
+            embed = nn.Parameter(torch.zeros(cfg.frames, view.block_dims[0]))
+            if cfg.embed_at == "temporal":
+                nn.init.normal_(embed, std=cfg.embed_std)
         for i in range(view.depth):
             dim = view.block_dims[i]
             hidden = max(1, int(dim * cfg.ratio))
@@ -120,9 +169,8 @@ class AIM(Method):
                 wrap(model, view.block_part(i, "mlp"),
                      lambda m, d=dim, h=hidden: Bypass(m, Bottleneck(d, h), parallel=True,
                                                        scale=cfg.joint_scale))
-            embed = cfg.frames if i == 0 else 0
-            if "temporal" in cfg.parts or embed:
+            if "temporal" in cfg.parts or (i == 0 and embed is not None):
                 t_hidden = hidden if "temporal" in cfg.parts else 0
                 wrap(model, view.blocks[i],
-                     lambda m, a=raw_attn, n=norm, d=dim, h=t_hidden, e=embed:
-                     TemporalAttention(m, a, n, d, h, e))
+                     lambda m, a=raw_attn, n=norm, d=dim, h=t_hidden, e=embed, o=i == 0:
+                     TemporalAttention(m, a, n, d, h, e, o, cfg.embed_at))
