@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ig-steps", type=at_least(0), default=16, metavar="N",
                    help="Integrated Gradients steps (0: skip IG); default 16")
     p.add_argument("--weights", metavar="FILE", help="backbone weights file (default: the run's)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write only maps.npz and summary.json (scoring many images)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run} is not a vpeft run folder (no {CONFIG_FILE})")
     check_weights_file(args.weights)
     summary = explain_run(args.run, args.images, args.out, split=args.split, limit=args.limit,
-                          ig_steps=args.ig_steps, weights=args.weights, data=args.data)
+                          ig_steps=args.ig_steps, weights=args.weights, data=args.data,
+                          figures=not args.no_figures)
     short = {k: summary[k] for k in ("method", "figures", "absent") if k in summary}
     short["out"] = str(Path(args.out))
     print(json.dumps(short, indent=2))

@@ -38,7 +38,8 @@ from vpeft.core.state import get_state
 from vpeft.core.surgery import Wrapper
 from vpeft.data import data_config, eval_transform
 from vpeft.data.datasets import IMAGE_EXTENSIONS
-from vpeft.explain import attribution, figures, gradmaps
+from vpeft.explain import attribution, gradmaps
+from vpeft.explain import figures as plots
 from vpeft.explain.rollout import (
     added_token_mass,
     capture_attention,
@@ -136,13 +137,14 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
             out: str | Path, img_size: int | None = None,
             batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
             ig_steps: int = 16, classes: list[str] | None = None,
-            info: dict[str, Any] | None = None) -> dict[str, Any]:
+            info: dict[str, Any] | None = None, figures: bool = True) -> dict[str, Any]:
     """Explain ``adapted`` (a model adapted by vpeft) against ``base`` (the same backbone, not
     adapted; it gets the trained head here) on ``images``; write figures and data into ``out``.
 
     ``batches`` (``(images, labels)`` tensors, already preprocessed) enable the ablation;
-    ``ig_steps`` = 0 skips Integrated Gradients; ``info`` is added to the summary. Returns the
-    summary written to summary.json.
+    ``ig_steps`` = 0 skips Integrated Gradients; ``info`` is added to the summary; ``figures``
+    False writes only maps.npz and summary.json (for scoring many images). Returns the summary
+    written to summary.json.
     """
     state = get_state(adapted)
     paths = collect_images(images)
@@ -183,9 +185,11 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
                    f"{label(p_base)} ({float(preds['base'][p_base]):.2f}); maps for "
                    f"{label(p_ad)}")
         fig_name = f"{Path(key).stem}.png".replace("/", "_")
-        figures.image_figure(out / fig_name, np.asarray(pil), shown, caption)
+        if figures:
+            plots.image_figure(out / fig_name, np.asarray(pil), shown, caption)
         entry = {"file": str(path), "key": key, "size": [pil.width, pil.height],
-                 "figure": fig_name, "adapted": {"class": p_ad, "label": label(p_ad)},
+                 **({"figure": fig_name} if figures else {}),
+                 "adapted": {"class": p_ad, "label": label(p_ad)},
                  "base": {"class": p_base, "label": label(p_base)},
                  "maps": sorted(shown)}
         layout = token_layout(view, tuple(x.shape[-2:]))
@@ -196,10 +200,11 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
                 up = np.stack([_to_image(m, size) for m in prompts[0]])
                 arrays[f"{key}/prompts/adapted"] = up
                 name = f"prompts_{fig_name}"
-                figures.prompt_figure(out / name, np.asarray(pil), up,
-                                      f"{path.name}: patches attending to each prompt token "
-                                      "(mean over blocks)")
-                entry["prompt_figure"] = name
+                if figures:
+                    plots.prompt_figure(out / name, np.asarray(pil), up,
+                                        f"{path.name}: patches attending to each prompt token "
+                                        "(mean over blocks)")
+                    entry["prompt_figure"] = name
                 entry["prompt_top_patches"] = [
                     [int(i) for i in m.flatten().topk(min(5, m.numel())).indices]
                     for m in prompts[0]
@@ -207,9 +212,11 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
         per_image.append(entry)
     summary = _summary(adapted, base, view, torch.cat(xs), masses, batches, absent)
     summary.update(images=per_image, notes=notes, **(info or {}))
-    summary["figures"] = [f for e in per_image for f in (e["figure"], e.get("prompt_figure"))
-                          if f] + figures.attribution_figures(
-        out, summary, view.blocks, state.config.method)
+    summary["figures"] = [f for e in per_image for f in (e.get("figure"), e.get("prompt_figure"))
+                          if f]
+    if figures:
+        summary["figures"] += plots.attribution_figures(out, summary, view.blocks,
+                                                        state.config.method)
     _write(out, summary, arrays)
     return summary
 
@@ -223,7 +230,8 @@ def _summary(adapted: nn.Module, base: nn.Module, view: BackboneView, x: torch.T
         "definitions": {
             "update": "per module ||W_adapted - W_base|| / ||W_base|| (merged weights)",
             "added_output": "per wrapped module, mean over the images of "
-                            "||module(x) - base_module(x)|| / ||residual stream into the block||",
+                            "||module(x) - base_module(x)|| / ||residual stream into the block|| "
+                            "(outside the blocks: / ||base_module(x)||)",
             "prompt_mass": "per block, mean attention mass image tokens give added tokens/keys",
             "ablation": "loss/top-1 with one block's added modules switched off",
             "maps": "each map scaled to [0, 1] (min to 0, max to 1); diff = adapted - base",
@@ -285,7 +293,8 @@ def split_batches(model: nn.Module, data: str | Path, split: str, img_size: int 
 
 def explain_run(run: str | Path, images: str | Path | Sequence[str | Path], out: str | Path,
                 split: str | None = None, limit: int | None = None, ig_steps: int = 16,
-                weights: str | None = None, data: str | None = None) -> dict[str, Any]:
+                weights: str | None = None, data: str | None = None,
+                figures: bool = True) -> dict[str, Any]:
     """:func:`explain` on the model of run folder ``run`` (its backbone rebuilt as in training,
     on the CPU); ``split`` (e.g. ``val200``) of the run's data (or ``data``) feeds the ablation,
     its first ``limit`` images if given."""
@@ -306,4 +315,5 @@ def explain_run(run: str | Path, images: str | Path | Sequence[str | Path], out:
                                 limit)
         info["split"] = {"data": str(data or config.data), "split": split,
                          "images": sum(len(b[1]) for b in batches)}
-    return explain(adapted, base, images, out, config.img_size, batches, ig_steps, classes, info)
+    return explain(adapted, base, images, out, config.img_size, batches, ig_steps, classes, info,
+                   figures)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vpeft.backbones.base import BackboneView
+from vpeft.core.side import track_frozen
 from vpeft.explain.rollout import TokenLayout
 
 
@@ -30,24 +31,42 @@ def _grid(act: torch.Tensor, view: BackboneView, layout: TokenLayout | None) -> 
     raise ValueError(f"cannot lay out a feature map of shape {tuple(act.shape)} on a grid")
 
 
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """``t`` cut from what computed it, as a leaf that records its gradient: Grad-CAM needs only
+    the gradient downstream of the feature map, also where nothing upstream requires grad (a
+    frozen backbone with the method after it: linear probing, partial-k, VQT)."""
+    return t.detach().requires_grad_()
+
+
 def gradcam(model: nn.Module, view: BackboneView, x: torch.Tensor, target: torch.Tensor,
             layout: TokenLayout | None) -> torch.Tensor:
     """(B, H, W) Grad-CAM of class ``target[b]`` for each image, on the feature grid."""
     seen: list[torch.Tensor] = []
+
+    def before(module: nn.Module, args: tuple) -> tuple:
+        seen.append(_leaf(args[0]))
+        return (seen[-1], *args[1:])
+
+    def after(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        seen.append(_leaf(out))
+        return seen[-1]
+
     if layout is not None:  # the tokens entering the last block
         module = model.get_submodule(view.blocks[-1])
-        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        handle = module.register_forward_pre_hook(before)
     else:
         module = model.get_submodule(view.final_features or view.blocks[-1])
-        handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
+        handle = module.register_forward_hook(after)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), track_frozen():
             logits = model(x)
             score = logits.gather(1, target.view(-1, 1)).sum()
             act = seen[0]
-            (grad,) = torch.autograd.grad(score, act)
+            (grad,) = torch.autograd.grad(score, act, allow_unused=True)
     finally:
         handle.remove()
+    if grad is None:  # the output does not depend on the feature map at all
+        grad = torch.zeros_like(act)
     act, grad = _grid(act.detach(), view, layout), _grid(grad, view, layout)
     weights = grad.float().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     return (weights * act.float()).sum(dim=1).clamp_min(0)
@@ -66,7 +85,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
         raise ImportError("Integrated Gradients needs captum: pip install 'vpeft[explain]' "
                           "(or pass ig_steps=0 / --ig-steps 0)") from e
     ig = IntegratedGradients(model)
-    with torch.enable_grad():
+    with torch.enable_grad(), track_frozen():
         attr = ig.attribute(x, baselines=torch.zeros_like(x), target=target, n_steps=steps,
                             internal_batch_size=max(steps, 1))
     return attr.detach().abs().sum(dim=1)
