@@ -44,9 +44,9 @@ from vpeft.explain.rollout import (
     added_token_mass,
     capture_attention,
     prompt_patch_maps,
+    rollout_layout,
     rollout_map,
     token_layout,
-    usable,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,28 +109,30 @@ def _pooled_by_prefix(model: nn.Module) -> bool:
 
 def _image_maps(models: dict[str, nn.Module], view: BackboneView, x: torch.Tensor,
                 ig_steps: int, absent: dict[str, str]) -> tuple[dict, dict, Any]:
-    """Raw maps of one image for each model, the predictions, and the adapted model's attention."""
-    layout = token_layout(view, tuple(x.shape[-2:]))
+    """Raw maps of one image for each model, the predictions, and the adapted model's attention
+    with its token layout (None where rollout does not apply)."""
+    size = tuple(x.shape[-2:])
     raw: dict[str, dict[str, torch.Tensor]] = {}
     preds, atts = {}, {}
     for name, model in models.items():
-        with torch.no_grad(), capture_attention(model, get_view(model)) as att:
+        with torch.no_grad(), capture_attention(model, view) as att:
             preds[name] = model(x).softmax(-1)[0]
-        atts[name] = att
+        atts[name] = (att, *rollout_layout(att, view, size, x.shape[0]))
     target = preds["adapted"].argmax().view(1)
     for name, model in models.items():
         maps = raw.setdefault(name, {})
-        if usable(atts[name], layout, 1):
-            maps["rollout"] = rollout_map(atts[name], layout, _pooled_by_prefix(model))[0]
+        att, layout, why = atts[name]
+        if layout is not None:
+            maps["rollout"] = rollout_map(att, layout, _pooled_by_prefix(model))[0]
         else:
-            absent["rollout"] = ("the backbone has no global token attention in every block "
-                                 "(a CNN or windowed attention); rollout needs it")
-        maps["gradcam"] = gradmaps.gradcam(model, get_view(model), x, target, layout)[0]
+            absent["rollout"] = why
+        maps["gradcam"] = gradmaps.gradcam(model, view, x, target, token_layout(view, size))[0]
         if ig_steps > 0:
             maps["ig"] = gradmaps.integrated_gradients(model, x, target, ig_steps)[0]
     if ig_steps <= 0:
         absent["ig"] = "switched off (ig_steps = 0)"
-    return raw, preds, atts["adapted"] if usable(atts["adapted"], layout, 1) else None
+    att, layout, _ = atts["adapted"]
+    return raw, preds, (att, layout) if layout is not None else None
 
 
 def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[str | Path],
@@ -150,7 +152,9 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
     paths = collect_images(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    view = get_view(adapted)
+    # the plain backbone's view: paths are the same in both models, and a view found on the
+    # adapted model may miss parts that wrappers hide (Hugging Face q/k/v)
+    view = get_view(base)
     notes = copy_head(base, adapted, view)
     adapted.eval()
     base.eval()
@@ -173,7 +177,7 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
         raw, preds, att = _image_maps(models, view, x, ig_steps, absent)
         size = (pil.height, pil.width)
         shown: dict[str, dict[str, np.ndarray]] = {}
-        for kind in raw["adapted"]:
+        for kind in [k for k in raw["adapted"] if k in raw["base"]]:
             m = {name: _to_image(raw[name][kind], size) for name in MODELS}
             m["diff"] = m["adapted"] - m["base"]
             shown[kind] = m
@@ -192,8 +196,8 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
                  "adapted": {"class": p_ad, "label": label(p_ad)},
                  "base": {"class": p_base, "label": label(p_base)},
                  "maps": sorted(shown)}
-        layout = token_layout(view, tuple(x.shape[-2:]))
         if att is not None:
+            att, layout = att
             masses.append([None if a is None else added_token_mass(a, layout) for a in att.maps])
             prompts = prompt_patch_maps(att, layout)
             if prompts is not None:

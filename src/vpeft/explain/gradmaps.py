@@ -4,8 +4,8 @@ Integrated Gradients on the input pixels.
 Grad-CAM (Selvaraju et al., 2017) weighs each channel of a feature map by the mean gradient of the
 class score over it and keeps the positive sum. On a token model the feature map is the patch
 tokens entering the last block, laid out on the patch grid (the last block's output is useless:
-a class-token head reads no patch token there). On a CNN it is the feature map the head pools
-(``view.final_features``, else the last block's output).
+a class-token head reads no patch token there). On a CNN or Swin it is the feature map the head
+pools (``view.final_features``, else the last block's output).
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.side import track_frozen
-from vpeft.explain.rollout import TokenLayout
+from vpeft.explain.rollout import TokenLayout, feature_layout
 
 
-def _grid(act: torch.Tensor, view: BackboneView, layout: TokenLayout | None) -> torch.Tensor:
+def _grid(act: torch.Tensor, view: BackboneView, layout: TokenLayout | None,
+          image_size: tuple[int, int]) -> torch.Tensor:
     """A feature tensor as (B, C, H, W)."""
-    if act.ndim == 3 and layout is not None:  # tokens (B, N, D): the last P are the patches
+    if act.ndim == 3:  # tokens (B, N, D): the last P are the patches
+        layout = layout or feature_layout(view, image_size, act.shape[1])
+        if layout is None:
+            raise ValueError(f"cannot lay {act.shape[1]} tokens out on a patch grid")
         patches = act[:, -layout.num_patches:]
         return patches.transpose(1, 2).reshape(act.shape[0], -1, *layout.grid)
     if act.ndim == 4 and view.block_dims and act.shape[-1] == view.block_dims[-1] \
@@ -40,34 +44,43 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 def gradcam(model: nn.Module, view: BackboneView, x: torch.Tensor, target: torch.Tensor,
             layout: TokenLayout | None) -> torch.Tensor:
-    """(B, H, W) Grad-CAM of class ``target[b]`` for each image, on the feature grid."""
-    seen: list[torch.Tensor] = []
+    """(B, H, W) Grad-CAM of class ``target[b]`` for each image, on the feature grid.
 
-    def before(module: nn.Module, args: tuple) -> tuple:
-        seen.append(_leaf(args[0]))
-        return (seen[-1], *args[1:])
+    The feature map is the tokens entering the last block where that block takes a token
+    sequence (B, N, D) (ViT, EVA, Hugging Face and open_clip towers), else what the head pools:
+    ``view.final_features`` or the last block's output (CNNs, Swin's (B, H, W, C) maps)."""
+    tokens: list[torch.Tensor] = []
+    maps: list[torch.Tensor] = []
 
-    def after(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        seen.append(_leaf(out))
-        return seen[-1]
+    def before(module: nn.Module, args: tuple) -> tuple | None:
+        if not (args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3):
+            return None
+        tokens.append(_leaf(args[0]))
+        return (tokens[-1], *args[1:])
 
-    if layout is not None:  # the tokens entering the last block
-        module = model.get_submodule(view.blocks[-1])
-        handle = module.register_forward_pre_hook(before)
-    else:
-        module = model.get_submodule(view.final_features or view.blocks[-1])
-        handle = module.register_forward_hook(after)
+    def after(module: nn.Module, args: tuple, out):
+        if tokens:
+            return None
+        first = out[0] if isinstance(out, tuple) else out  # Hugging Face blocks return tuples
+        maps.append(_leaf(first))
+        return (maps[-1], *out[1:]) if isinstance(out, tuple) else maps[-1]
+
+    handles = [model.get_submodule(view.blocks[-1]).register_forward_pre_hook(before),
+               model.get_submodule(view.final_features or view.blocks[-1])
+               .register_forward_hook(after)]
     try:
         with torch.enable_grad(), track_frozen():
             logits = model(x)
             score = logits.gather(1, target.view(-1, 1)).sum()
-            act = seen[0]
+            act = (tokens or maps)[0]
             (grad,) = torch.autograd.grad(score, act, allow_unused=True)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if grad is None:  # the output does not depend on the feature map at all
         grad = torch.zeros_like(act)
-    act, grad = _grid(act.detach(), view, layout), _grid(grad, view, layout)
+    size = tuple(x.shape[-2:])
+    act, grad = _grid(act.detach(), view, layout, size), _grid(grad, view, layout, size)
     weights = grad.float().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     return (weights * act.float()).sum(dim=1).clamp_min(0)
 

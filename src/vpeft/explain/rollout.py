@@ -16,6 +16,7 @@ renormalised; that mass is reported separately by :func:`added_token_mass`.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -59,6 +60,23 @@ def token_layout(view: BackboneView, image_size: tuple[int, int]) -> TokenLayout
         return None
     h, w = image_size
     return TokenLayout(view.num_prefix_tokens, (h // view.patch_size, w // view.patch_size))
+
+
+def feature_layout(view: BackboneView, image_size: tuple[int, int], tokens: int
+                   ) -> TokenLayout | None:
+    """The layout of a sequence of ``tokens`` in a model whose view does not fix one (Hugging
+    Face and open_clip towers, a downsampled stage): the view's where it has one; else the last
+    ``(H / patch) * (W / patch)`` tokens are the patches and any before them prefix tokens; else
+    a square grid of all the tokens (a merged stage); None where neither fits."""
+    if (layout := token_layout(view, image_size)) is not None:
+        return layout
+    if view.patch_size:
+        h, w = image_size
+        grid = (h // view.patch_size, w // view.patch_size)
+        if tokens >= grid[0] * grid[1]:
+            return TokenLayout(tokens - grid[0] * grid[1], grid)
+    side = math.isqrt(tokens)
+    return TokenLayout(0, (side, side)) if side * side == tokens else None
 
 
 @dataclass
@@ -195,9 +213,23 @@ def prompt_patch_maps(att: Attention, layout: TokenLayout) -> torch.Tensor | Non
     return mean.transpose(1, 2).reshape(mean.shape[0], -1, *layout.grid)
 
 
-def usable(att: Attention, layout: TokenLayout | None, batch: int) -> bool:
-    """Whether every block left a global attention over its sequence (not windowed, not absent)."""
-    return layout is not None and all(
-        a is not None and a.shape[0] == batch and a.shape[-2] >= layout.num_image_tokens
-        for a in att.maps
-    )
+def rollout_layout(att: Attention, view: BackboneView, image_size: tuple[int, int],
+                   batch: int) -> tuple[TokenLayout | None, str | None]:
+    """The token layout rollout runs on, or None and why rollout does not apply to this model:
+    it needs every block's attention over one global token sequence."""
+    family = f"the '{view.family}' backbone"
+    if all(a is None for a in att.maps):
+        return None, (f"{family} has no token attention in its blocks (a CNN, or attention "
+                      "that does not call scaled_dot_product_attention); rollout needs it")
+    if any(a is None or a.shape[0] != batch for a in att.maps):
+        return None, (f"{family} attends within local windows in some blocks (as Swin does) "
+                      "and merges patches between stages: rollout multiplies one global "
+                      "token-to-token attention through every block, which it does not have")
+    queries = {a.shape[-2] for a in att.maps}
+    layout = token_layout(view, image_size) or feature_layout(view, image_size, min(queries))
+    if layout is None or (len(queries) > 1 and not view.sequence_tokens):
+        return None, (f"{family} changes its number of tokens between blocks "
+                      f"({sorted(queries)}): rollout needs one token sequence")
+    if min(queries) < layout.num_image_tokens:
+        return None, f"{family}'s attention does not cover every patch token"
+    return layout, None
