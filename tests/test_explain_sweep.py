@@ -21,6 +21,13 @@ from vpeft.explain import explain
 from conftest import IMG, NUM_CLASSES, tiny_model
 from rows import all_rows
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: a second intra-op thread only adds contention on a loaded machine
+    torch.set_num_threads(1)
+
+
 _FIRST_ROW = {}
 for _row in all_rows():
     _FIRST_ROW.setdefault(_row.method, _row)
@@ -112,3 +119,79 @@ def test_every_method_explains(method: str, options: dict, kind: str, tmp_path: 
         assert max(found.values(), default=0.0) > 1e-3, (method, found, after["absent"])
     else:  # nothing outside the head: every per-block quantity absent, each with its reason
         assert not found and {"update", "added_output", "ablation"} <= set(after["absent"])
+
+
+def test_vqt_block_switched_off_is_the_head_without_its_queries() -> None:
+    """VQT's block modules feed the widened head: switching block 1 off drops its query columns,
+    which is the adapted model with those columns' weights at zero."""
+    from vpeft.explain import switch_off_block
+
+    full = vpeft.adapt(tiny_model("vit"), "vqt", num_tokens=2)
+    _perturb(full, [n for n, p in full.named_parameters() if p.requires_grad])
+    base = tiny_model("vit")
+    view = vpeft.get_view(base)
+    off = switch_off_block(full, base, view, 1)
+    zeroed = vpeft.adapt(tiny_model("vit"), "vqt", num_tokens=2)
+    zeroed.load_state_dict(full.state_dict())
+    head = zeroed.get_submodule(view.heads[0]).base
+    d = view.block_dims[1]
+    with torch.no_grad():
+        head.weight[:, head.in_features - 2 * d:] = 0  # block 1's group: the last 2 x D inputs
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(off.eval()(x), zeroed.eval()(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(off(x), full.eval()(x), atol=1e-4)
+        off(x)  # a second pass: the stash starts empty again
+        torch.testing.assert_close(off(x), zeroed(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["eva", "eva-separate"])
+def test_eva_attention_is_captured_exactly_and_rolls_out(kind: str) -> None:
+    """EVA (rotary embeddings, SwiGLU): the captured attention is the one EVA's own unfused path
+    computes (after the rotation), and rollout gives distributions over its patches."""
+    from vpeft.explain import capture_attention, rollout_map, token_layout
+
+    model = tiny_model(kind)
+    view = vpeft.get_view(model)
+    seen = []
+    hooks = [model.get_submodule(view.block_part(i, "attn")).attn_drop.register_forward_hook(
+        lambda m, a, out: seen.append(out.mean(1))) for i in range(view.depth)]
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(x)
+        with capture_attention(model, view) as att:
+            out = model(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out, ref)
+    for a, s in zip(att.maps, seen[:view.depth]):
+        torch.testing.assert_close(a, s, atol=1e-5, rtol=1e-4)
+    m = rollout_map(att, token_layout(view, (IMG, IMG)), pooled_by_prefix=True)
+    assert m.shape == (2, IMG // view.patch_size, IMG // view.patch_size) and (m >= 0).all()
+    torch.testing.assert_close(m.sum((1, 2)), torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["swin", "hf-swin", "hf-vit"])
+def test_other_token_families(kind: str, tmp_path: Path) -> None:
+    """Swin attends within windows: Grad-CAM on its last stage's grid, rollout absent with the
+    reason; a Hugging Face ViT (its view has no token layout) gets both, on the patch grid."""
+    from conftest import TINY
+
+    if kind not in TINY:
+        pytest.skip(f"{kind} needs transformers")
+    adapted = vpeft.adapt(tiny_model(kind), "lora")
+    image, size = _image(tmp_path / "images")
+    summary = explain(adapted, tiny_model(kind), image, tmp_path / "out", ig_steps=0,
+                      figures=False)
+    maps = _maps(tmp_path / "out")
+    assert maps["img.png/gradcam/adapted"].shape == size
+    assert np.isfinite(maps["img.png/gradcam/adapted"]).all()
+    assert maps["img.png/gradcam/adapted"].max() == pytest.approx(1.0)  # not an all-zero map
+    if "swin" in kind:
+        assert "rollout" not in summary["images"][0]["maps"]
+        assert "windows" in summary["absent"]["rollout"]
+    else:
+        assert "rollout" in summary["images"][0]["maps"]

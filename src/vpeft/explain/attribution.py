@@ -124,7 +124,10 @@ def added_outputs(adapted: nn.Module, view: BackboneView, x: torch.Tensor
 
     def wrapper_hook(path: str, i: int | None):
         def hook(module: Wrapper, args, kwargs, out):
-            ref = module.base(*args, **kwargs)
+            try:
+                ref = module.base(*args, **kwargs)
+            except (AssertionError, RuntimeError):  # a base that only runs through its wrapper
+                return  # (open_clip's attention, whose projections the family's prepare packed)
             if isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor) \
                     and out.shape == ref.shape:
                 delta = (out - ref).detach().flatten(1).float().norm(dim=1)
@@ -162,6 +165,7 @@ def switch_off_block(adapted: nn.Module, base: nn.Module, view: BackboneView, i:
                                                             keep_vars=True).items():
             if name in base_sd and base_sd[name].shape == t.shape:
                 t.copy_(base_sd[name])
+    get_state(adapted).method.block_switched_off(model, view, i)
     return model
 
 
