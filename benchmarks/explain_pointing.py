@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 
 import vpeft
 from vpeft.explain import capture_attention, gradcam, integrated_gradients, token_layout
 from vpeft.explain.explainer import _to_image
+from vpeft.explain.gradmaps import gradient_rollout
 from vpeft.explain.localisation import area_fraction, pointing_game, shape_images
 from vpeft.explain.rollout import rollout_layout, rollout_map
 
@@ -39,6 +42,8 @@ def main() -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ig-steps", type=int, default=16)
+    p.add_argument("--adapter", help="safetensors file: load the trained adapter from it if it "
+                                     "exists, else train and save it there")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     size, obj = 64, 20
@@ -52,15 +57,20 @@ def main() -> None:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         return (x - 0.5) / 0.5, torch.from_numpy(labels), boxes
 
-    x, y, _ = tensors(240, 0)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=3e-3)
-    model.train()
-    for _ in range(3):
-        for idx in torch.randperm(len(x)).split(32):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    if args.adapter and Path(args.adapter).is_file():  # the model trained by an earlier run
+        model.load_state_dict(load_file(args.adapter), strict=False)
+    else:
+        x, y, _ = tensors(240, 0)
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=3e-3)
+        model.train()
+        for _ in range(3):
+            for idx in torch.randperm(len(x)).split(32):
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        if args.adapter:
+            save_file(vpeft.adapter_state_dict(model), args.adapter)
     model.eval()
     xt, yt, boxes = tensors(60, 1)
     with torch.no_grad():
@@ -72,6 +82,7 @@ def main() -> None:
         model(xt)
     lay, _ = rollout_layout(att, view, (size, size), len(xt))
     maps["rollout"] = rollout_map(att, lay, True)
+    maps["grad-rollout"] = gradient_rollout(model, view, xt, yt, lay, True)
     maps["ig"] = torch.cat([integrated_gradients(model, xt[i:i + 1], yt[i:i + 1], args.ig_steps)
                             for i in range(len(xt))])
     tol = round(15 * size / 224)

@@ -68,6 +68,17 @@ def _perturb(model: torch.nn.Module, names: list[str], seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=g) * (0.1 * float(p.abs().mean()) + 0.05))
 
 
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2,
+                            weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
 def _attributions(summary: dict) -> dict[str, float]:
     """The largest figure of each per-block quantity in a summary."""
     found = {k: max(abs(v) for v in summary[k].values())
@@ -104,10 +115,11 @@ def test_every_method_explains(method: str, options: dict, kind: str, tmp_path: 
         for key in ("update", "added_output"):
             assert all(v == pytest.approx(0, abs=1e-6) for v in before.get(key, {}).values())
 
-    # the method's own tensors (the head only where it trains nothing else: linear probing)
+    # a few training steps move everything the method trains (a random perturbation would not
+    # do: VQT's new head columns and side-tune's curriculum keep an untrained method silent)
     trained = [n for n, p in adapted.named_parameters()
                if p.requires_grad and n not in state.head_keys]
-    _perturb(adapted, trained or [n for n, p in adapted.named_parameters() if p.requires_grad])
+    _train(adapted, *batches[0])
     after = explain(adapted, base, image, tmp_path / "after", batches=batches, ig_steps=0,
                     figures=False)
     moved = _maps(tmp_path / "after")

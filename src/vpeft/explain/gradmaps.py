@@ -15,7 +15,13 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.side import track_frozen
-from vpeft.explain.rollout import TokenLayout, feature_layout
+from vpeft.explain.rollout import (
+    TokenLayout,
+    capture_attention,
+    feature_layout,
+    image_tokens,
+    pooled_patch_map,
+)
 
 
 def _grid(act: torch.Tensor, view: BackboneView, layout: TokenLayout | None,
@@ -83,6 +89,29 @@ def gradcam(model: nn.Module, view: BackboneView, x: torch.Tensor, target: torch
     act, grad = _grid(act.detach(), view, layout, size), _grid(grad, view, layout, size)
     weights = grad.float().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     return (weights * act.float()).sum(dim=1).clamp_min(0)
+
+
+def gradient_rollout(model: nn.Module, view: BackboneView, x: torch.Tensor,
+                     target: torch.Tensor, layout: TokenLayout, pooled_by_prefix: bool
+                     ) -> torch.Tensor:
+    """(B, grid_h, grid_w) gradient-weighted attention rollout of class ``target[b]`` (Chefer et
+    al., 2021, arXiv:2103.15679, their rule for self-attention): each block's relevance is the
+    head mean of ``(dscore/dA * A)^+`` and ``R <- R + relevance @ R`` from ``R = I``; the map is
+    the pooled feature's row over the patches. Unlike rollout it is class-specific, and unlike
+    Grad-CAM it follows the attention that carries the patches to the pooled token.
+    Needs every block's global attention (see :func:`vpeft.explain.rollout.rollout_layout`)."""
+    x = x.detach().clone().requires_grad_()  # the attention is in the graph even if all frozen
+    with torch.enable_grad(), track_frozen(), capture_attention(model, view, True) as att:
+        score = model(x).gather(1, target.view(-1, 1)).sum()
+        probs = [a for a in att.maps if a is not None]
+        grads = torch.autograd.grad(score, probs, allow_unused=True)
+    joint = None
+    for a, g in zip(probs, grads):
+        g = torch.zeros_like(a) if g is None else g
+        rel = image_tokens((g * a).clamp_min(0).mean(dim=1).detach(), layout)  # (B, T, T)
+        joint = torch.eye(rel.shape[-1]).expand_as(rel) if joint is None else joint
+        joint = joint + rel @ joint
+    return pooled_patch_map(joint, layout, pooled_by_prefix)
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor,

@@ -103,11 +103,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | 
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, view: BackboneView) -> Iterator[Attention]:
+def capture_attention(model: nn.Module, view: BackboneView, with_grad: bool = False
+                      ) -> Iterator[Attention]:
     """Record each block's attention during the forwards inside the ``with``.
 
     A block that calls attention several times (VQT's queries) keeps the call with the most
     queries (its own token sequence); a block whose attention is windowed or absent gets None.
+    ``with_grad``: keep every head, (B, heads, Nq, Nk), in the autograd graph, the attention's
+    output computed from exactly these probabilities (so their gradient is the model's); for
+    gradient-weighted rollout, in evaluation mode (no attention dropout).
     """
     out = Attention([None] * view.depth)
     current = [-1]
@@ -115,6 +119,14 @@ def capture_attention(model: nn.Module, view: BackboneView) -> Iterator[Attentio
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         i = current[0]
+        if i >= 0 and with_grad:
+            probs = attention_probs(q, k, attn_mask, is_causal, scale)
+            seen = out.maps[i]
+            if seen is None or probs.shape[-2] > seen.shape[-2]:
+                out.maps[i] = probs
+            return (probs.to(v.dtype) @ v) if not kw else original(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, **kw)
         if i >= 0:
             probs = attention_probs(q.detach(), k.detach(), attn_mask, is_causal, scale)
             probs = probs.mean(dim=1) if probs.ndim == 4 else probs  # heads averaged
@@ -146,12 +158,17 @@ def capture_attention(model: nn.Module, view: BackboneView) -> Iterator[Attentio
             h.remove()
 
 
-def image_token_attention(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(B, Nq, Nk) attention restricted to the image tokens, rows renormalised: (B, T, T)."""
+def image_tokens(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, Nq, Nk) attention (or relevance) restricted to the image tokens: (B, T, T)."""
     nq, nk = a.shape[-2:]
     rows = layout.image_queries(nq).to(a.device)
     cols = rows + (nk - nq)
-    sub = a[:, rows][:, :, cols]
+    return a[:, rows][:, :, cols]
+
+
+def image_token_attention(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, Nq, Nk) attention restricted to the image tokens, rows renormalised: (B, T, T)."""
+    sub = image_tokens(a, layout)
     return sub / sub.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -169,6 +186,17 @@ def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     return joint
 
 
+def pooled_patch_map(joint: torch.Tensor, layout: TokenLayout, pooled_by_prefix: bool
+                     ) -> torch.Tensor:
+    """(B, grid_h, grid_w): the rows of a (B, T, T) token-to-token map that the pooled feature
+    reads (the prefix tokens', else every patch's), averaged, over the patches, summing to 1."""
+    p = layout.num_prefix
+    rows = joint[:, :p] if pooled_by_prefix and p else joint[:, p:]
+    patch = rows.mean(dim=1)[:, p:]
+    patch = patch / patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return patch.view(-1, *layout.grid)
+
+
 def rollout_map(att: Attention, layout: TokenLayout, pooled_by_prefix: bool) -> torch.Tensor:
     """(B, grid_h, grid_w) rollout of the pooled feature over the patches, each summing to 1.
 
@@ -176,11 +204,7 @@ def rollout_map(att: Attention, layout: TokenLayout, pooled_by_prefix: bool) -> 
     mean of the patch tokens (average-pooled models).
     """
     joint = rollout([image_token_attention(a, layout) for a in att.maps if a is not None])
-    p = layout.num_prefix
-    rows = joint[:, :p] if pooled_by_prefix and p else joint[:, p:]
-    patch = rows.mean(dim=1)[:, p:]
-    patch = patch / patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return patch.view(-1, *layout.grid)
+    return pooled_patch_map(joint, layout, pooled_by_prefix)
 
 
 def added_token_mass(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
