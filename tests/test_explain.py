@@ -106,7 +106,7 @@ def test_zero_init_method_maps_equal_base_and_figures_are_zero(method: str, opti
     copy_head(base, adapted, view)
     x = torch.randn(1, 3, IMG, IMG)
     raw, _, _ = _image_maps({"base": base.eval(), "adapted": adapted.eval()}, view, x, 2, {})
-    assert set(raw["adapted"]) == {"rollout", "gradcam", "ig"}
+    assert set(raw["adapted"]) == {"rollout", "grad-rollout", "gradcam", "ig"}
     for kind in raw["adapted"]:
         torch.testing.assert_close(raw["adapted"][kind], raw["base"][kind], atol=1e-6, rtol=1e-5)
     update = update_ratios(adapted, base, view)

@@ -207,3 +207,40 @@ def test_other_token_families(kind: str, tmp_path: Path) -> None:
         assert "windows" in summary["absent"]["rollout"]
     else:
         assert "rollout" in summary["images"][0]["maps"]
+
+
+def test_gradient_rollout_is_chefers_rule_on_timms_own_attention() -> None:
+    """Gradient-weighted rollout against the rule computed by hand from timm's unfused attention
+    (its probabilities and their gradients, read at attn_drop): R = I, R += mean_h((dA * A)^+) R,
+    the class token's row over the patches; and it depends on the class."""
+    from vpeft.explain import token_layout
+    from vpeft.explain.gradmaps import gradient_rollout
+
+    model = vpeft.adapt(tiny_model("vit"), "lora")
+    _train(model, torch.randn(8, 3, IMG, IMG), torch.arange(8) % NUM_CLASSES)
+    view = vpeft.get_view(model)
+    layout = token_layout(view, (IMG, IMG))
+    x, target = torch.randn(2, 3, IMG, IMG), torch.tensor([1, 3])
+    ours = gradient_rollout(model, view, x, target, layout, pooled_by_prefix=True)
+    seen = []
+
+    def keep(m, a, out):
+        out.retain_grad()
+        seen.append(out)
+
+    hooks = [model.get_submodule(view.block_part(i, "attn")).attn_drop.register_forward_hook(keep)
+             for i in range(view.depth)]
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    model(x).gather(1, target.view(-1, 1)).sum().backward()
+    for h in hooks:
+        h.remove()
+    joint = torch.eye(layout.num_image_tokens).expand(2, -1, -1)
+    for a in seen:
+        joint = joint + (a.grad * a).clamp_min(0).mean(1).detach() @ joint
+    ref = joint[:, 0, 1:]
+    ref = (ref / ref.sum(-1, keepdim=True)).view(2, *layout.grid)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    other = gradient_rollout(model, view, x, torch.tensor([2, 0]), layout, pooled_by_prefix=True)
+    assert not torch.allclose(ours, other, atol=1e-4)

@@ -6,7 +6,8 @@ Examples:
   vpeft explain --run runs/cifar10-vpt --images a.png b.png --out explain/vpt --split val200
   vpeft explain --run runs/x --images photos/ --out explain/x --ig-steps 0    # faster
 
-Per image: attention rollout (token models), Grad-CAM and Integrated Gradients, each for the base
+Per image: attention rollout and gradient-weighted rollout (token models with global attention;
+Swin and CNNs say why not), Grad-CAM and Integrated Gradients, each for the base
 model (backbone + the trained head) and the adapted model, and their difference. Per block and
 module: update size ||dW||/||W||, added-output size, attention mass on prompt tokens, and with
 --split the loss/top-1 change when one block's added modules are switched off.

@@ -3,8 +3,9 @@
 :func:`explain` works on models in memory; :func:`explain_run` on a run folder made by
 ``vpeft train`` (what ``vpeft explain`` calls). Both write into ``out``:
 
-* ``<image>.png``: per image, one row per map kind (attention rollout, Grad-CAM, Integrated
-  Gradients): the image, the base model's map, the adapted model's map, their difference.
+* ``<image>.png``: per image, one row per map kind (attention rollout, gradient-weighted
+  rollout, Grad-CAM, Integrated Gradients): the image, the base model's map, the adapted model's
+  map, their difference.
 * ``prompts_<image>.png``: for methods that add tokens or keys (VPT, prefix ...), which patches
   attend to each added token.
 * ``attribution_blocks.png`` / ``attribution_heatmap.png``: update size, added-output size,
@@ -124,8 +125,10 @@ def _image_maps(models: dict[str, nn.Module], view: BackboneView, x: torch.Tenso
         att, layout, why = atts[name]
         if layout is not None:
             maps["rollout"] = rollout_map(att, layout, _pooled_by_prefix(model))[0]
+            maps["grad-rollout"] = gradmaps.gradient_rollout(model, view, x, target, layout,
+                                                             _pooled_by_prefix(model))[0]
         else:
-            absent["rollout"] = why
+            absent["rollout"] = absent["grad-rollout"] = why
         maps["gradcam"] = gradmaps.gradcam(model, view, x, target, token_layout(view, size))[0]
         if ig_steps > 0:
             maps["ig"] = gradmaps.integrated_gradients(model, x, target, ig_steps)[0]
