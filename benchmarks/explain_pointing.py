@@ -37,11 +37,36 @@ def dilate(boxes: np.ndarray, tol: int, size: int) -> np.ndarray:
     return out
 
 
+def scores(model: torch.nn.Module, xt: torch.Tensor, yt: torch.Tensor, boxes: np.ndarray,
+           size: int, ig_steps: int) -> dict[str, float]:
+    """Pointing game of each map of ``model`` for the true classes, without and with tolerance."""
+    view = vpeft.get_view(model)
+    layout = token_layout(view, (size, size))
+    maps = {"gradcam": gradcam(model, view, xt, yt, layout)}
+    with torch.no_grad(), capture_attention(model, view) as att:
+        model(xt)
+    lay, _ = rollout_layout(att, view, (size, size), len(xt))
+    maps["rollout"] = rollout_map(att, lay, True)
+    maps["grad-rollout"] = gradient_rollout(model, view, xt, yt, lay, True)
+    if ig_steps:
+        maps["ig"] = torch.cat([integrated_gradients(model, xt[i:i + 1], yt[i:i + 1], ig_steps)
+                                for i in range(len(xt))])
+    tol = round(15 * size / 224)
+    out = {}
+    for kind, m in maps.items():
+        up = np.stack([_to_image(a, (size, size)) for a in m])
+        out[kind] = pointing_game(up, boxes)
+        out[f"{kind}_with_tolerance"] = pointing_game(up, dilate(boxes, tol, size))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--weights", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ig-steps", type=int, default=16)
+    p.add_argument("--control", action="store_true",
+                   help="also score the backbone before training (random head): chance level?")
     p.add_argument("--adapter", help="safetensors file: load the trained adapter from it if it "
                                      "exists, else train and save it there")
     args = p.parse_args()
@@ -75,23 +100,15 @@ def main() -> None:
     xt, yt, boxes = tensors(60, 1)
     with torch.no_grad():
         acc = float((model(xt).argmax(-1) == yt).float().mean())
-    view = vpeft.get_view(model)
-    layout = token_layout(view, (size, size))
-    maps = {"gradcam": gradcam(model, view, xt, yt, layout)}
-    with torch.no_grad(), capture_attention(model, view) as att:
-        model(xt)
-    lay, _ = rollout_layout(att, view, (size, size), len(xt))
-    maps["rollout"] = rollout_map(att, lay, True)
-    maps["grad-rollout"] = gradient_rollout(model, view, xt, yt, lay, True)
-    maps["ig"] = torch.cat([integrated_gradients(model, xt[i:i + 1], yt[i:i + 1], args.ig_steps)
-                            for i in range(len(xt))])
-    tol = round(15 * size / 224)
-    result = {"top1": acc, "box_area": area_fraction(boxes, size, size), "tolerance_px": tol,
-              "box_area_with_tolerance": area_fraction(dilate(boxes, tol, size), size, size)}
-    for kind, m in maps.items():
-        up = np.stack([_to_image(a, (size, size)) for a in m])
-        result[kind] = pointing_game(up, boxes)
-        result[f"{kind}_with_tolerance"] = pointing_game(up, dilate(boxes, tol, size))
+    result = {"top1": acc, "box_area": area_fraction(boxes, size, size),
+              "tolerance_px": round(15 * size / 224)}
+    result["box_area_with_tolerance"] = area_fraction(dilate(boxes, result["tolerance_px"], size),
+                                                      size, size)
+    result |= scores(model, xt, yt, boxes, size, args.ig_steps)
+    if args.control:  # the same maps of the backbone before training (its random head): chance?
+        control = timm.create_model("deit_tiny_patch16_224", pretrained=True, num_classes=3,
+                                    img_size=size, pretrained_cfg_overlay=dict(file=args.weights))
+        result["control_untrained"] = scores(control.eval(), xt, yt, boxes, size, args.ig_steps)
     print(json.dumps(result, indent=2))
 
 
