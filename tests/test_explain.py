@@ -206,6 +206,19 @@ def test_cli_writes_figures_json_and_maps(run: Path, tmp_path: Path,
                                    - maps[f"img{i}.png/gradcam/base"], atol=1e-6)
 
 
+def test_cli_no_figures_writes_only_data(run: Path, tmp_path: Path) -> None:
+    images = _write_images(tmp_path / "images", 1)
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(run), "--images", str(images), "--out", str(out),
+                 "--ig-steps", "0", "--no-figures"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["maps.npz", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["figures"] == [] and "figure" not in summary["images"][0]
+    maps = np.load(out / "maps.npz")
+    a = maps["img0.png/grad-rollout/adapted"]
+    assert a.shape == (IMG, IMG + 4) and np.isfinite(a).all() and a.max() == pytest.approx(1)
+
+
 @pytest.mark.parametrize("bad", ["run", "images", "empty"])
 def test_cli_bad_input_is_one_line(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                    bad: str) -> None:
