@@ -106,7 +106,7 @@ def test_zero_init_method_maps_equal_base_and_figures_are_zero(method: str, opti
     copy_head(base, adapted, view)
     x = torch.randn(1, 3, IMG, IMG)
     raw, _, _ = _image_maps({"base": base.eval(), "adapted": adapted.eval()}, view, x, 2, {})
-    assert set(raw["adapted"]) == {"rollout", "gradcam", "ig"}
+    assert set(raw["adapted"]) == {"rollout", "grad-rollout", "gradcam", "ig"}
     for kind in raw["adapted"]:
         torch.testing.assert_close(raw["adapted"][kind], raw["base"][kind], atol=1e-6, rtol=1e-5)
     update = update_ratios(adapted, base, view)
@@ -206,6 +206,19 @@ def test_cli_writes_figures_json_and_maps(run: Path, tmp_path: Path,
                                    - maps[f"img{i}.png/gradcam/base"], atol=1e-6)
 
 
+def test_cli_no_figures_writes_only_data(run: Path, tmp_path: Path) -> None:
+    images = _write_images(tmp_path / "images", 1)
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(run), "--images", str(images), "--out", str(out),
+                 "--ig-steps", "0", "--no-figures"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["maps.npz", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["figures"] == [] and "figure" not in summary["images"][0]
+    maps = np.load(out / "maps.npz")
+    a = maps["img0.png/grad-rollout/adapted"]
+    assert a.shape == (IMG, IMG + 4) and np.isfinite(a).all() and a.max() == pytest.approx(1)
+
+
 @pytest.mark.parametrize("bad", ["run", "images", "empty"])
 def test_cli_bad_input_is_one_line(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                    bad: str) -> None:
@@ -222,11 +235,14 @@ def test_cli_bad_input_is_one_line(run: Path, tmp_path: Path, capsys: pytest.Cap
 
 
 # -- localisation: the gradient map must find the object the label depends on ---------------------
-def test_localisation_gradcam_points_at_the_object_after_lora() -> None:
+def test_localisation_gradient_maps_point_at_the_object_after_lora() -> None:
     """Half-white squares on noise (label = which half): after LoRA on real DeiT-Tiny at 64 px,
-    Grad-CAM's peak must fall inside the object's box far more often than chance: a map that
-    ignores the object scores about the box's area fraction (0.1). Measured here: top-1 0.83,
-    pointing 0.50 (docs/benchmarks.md, Explainability); the bound, 4x chance, leaves a margin."""
+    the gradient maps' peaks must fall inside the object's box far more often than chance: a map
+    that ignores the object scores about the box's area fraction (0.1). Gradient-weighted rollout
+    must hit for most images (the issue's bar), Grad-CAM at least 4x chance. Measured with
+    benchmarks/explain_pointing.py (docs/benchmarks.md, Explainability): top-1 0.80, pointing
+    0.78 (gradient-weighted rollout), 0.58 (Grad-CAM), 0.098 box area."""
+    from vpeft.explain.gradmaps import gradient_rollout
     from vpeft.explain.localisation import area_fraction, pointing_game, shape_images
 
     if not WEIGHTS.is_file():
@@ -256,9 +272,18 @@ def test_localisation_gradcam_points_at_the_object_after_lora() -> None:
     with torch.no_grad():
         acc = float((model(xt).argmax(-1) == yt).float().mean())
     view = vpeft.get_view(model)
-    cam = gradcam(model, view, xt, yt, token_layout(view, (size, size)))
-    maps = torch.nn.functional.interpolate(cam[:, None], size=(size, size), mode="bilinear")[:, 0]
-    score, chance = pointing_game(maps, boxes), area_fraction(boxes, size, size)
-    print(f"localisation: top-1 {acc:.2f}, pointing game {score:.2f}, box area {chance:.3f}")
+    layout = token_layout(view, (size, size))
+    cam = gradcam(model, view, xt, yt, layout)
+    grad_roll = gradient_rollout(model, view, xt, yt, layout, pooled_by_prefix=True)
+
+    def pointing(m: torch.Tensor) -> float:
+        up = torch.nn.functional.interpolate(m[:, None], size=(size, size), mode="bilinear")
+        return pointing_game(up[:, 0], boxes)
+
+    score, score_gr = pointing(cam), pointing(grad_roll)
+    chance = area_fraction(boxes, size, size)
+    print(f"localisation: top-1 {acc:.2f}, pointing game grad-rollout {score_gr:.2f}, "
+          f"Grad-CAM {score:.2f}, box area {chance:.3f}")
     assert acc > 0.6
+    assert score_gr > 0.5
     assert score > 4 * chance

@@ -6,7 +6,8 @@ Examples:
   vpeft explain --run runs/cifar10-vpt --images a.png b.png --out explain/vpt --split val200
   vpeft explain --run runs/x --images photos/ --out explain/x --ig-steps 0    # faster
 
-Per image: attention rollout (token models), Grad-CAM and Integrated Gradients, each for the base
+Per image: attention rollout and gradient-weighted rollout (token models with global attention;
+Swin and CNNs say why not), Grad-CAM and Integrated Gradients, each for the base
 model (backbone + the trained head) and the adapted model, and their difference. Per block and
 module: update size ||dW||/||W||, added-output size, attention mass on prompt tokens, and with
 --split the loss/top-1 change when one block's added modules are switched off.
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ig-steps", type=at_least(0), default=16, metavar="N",
                    help="Integrated Gradients steps (0: skip IG); default 16")
     p.add_argument("--weights", metavar="FILE", help="backbone weights file (default: the run's)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write only maps.npz and summary.json (scoring many images)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.run} is not a vpeft run folder (no {CONFIG_FILE})")
     check_weights_file(args.weights)
     summary = explain_run(args.run, args.images, args.out, split=args.split, limit=args.limit,
-                          ig_steps=args.ig_steps, weights=args.weights, data=args.data)
+                          ig_steps=args.ig_steps, weights=args.weights, data=args.data,
+                          figures=not args.no_figures)
     short = {k: summary[k] for k in ("method", "figures", "absent") if k in summary}
     short["out"] = str(Path(args.out))
     print(json.dumps(short, indent=2))

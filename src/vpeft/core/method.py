@@ -125,6 +125,13 @@ class Method:
             wrapper.unfold()
             replace_module(model, path, wrapper)
 
+    # -- explanation -------------------------------------------------------------------------
+    def block_switched_off(self, model: nn.Module, view: BackboneView, i: int) -> None:
+        """Called after block ``i``'s wrappers were taken out of ``model`` (a copy) and its base
+        tensors restored (:func:`vpeft.explain.switch_off_block`): a method whose block modules
+        feed something outside the block (VQT's widened head) makes the rest of the model the
+        one it would have built without block ``i``. Nothing to do by default."""
+
     # -- search and requirements ---------------------------------------------------------------
     @classmethod
     def search_space(cls, view: BackboneView, **space: Any) -> SearchSpace:

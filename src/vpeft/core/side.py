@@ -8,10 +8,34 @@ sides keep a plain reference to the stash (not a sub-module), so it is never par
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from vpeft.core.surgery import Wrapper
+
+_TRACK_FROZEN = contextvars.ContextVar("vpeft_track_frozen", default=False)
+
+
+def frozen_pass() -> contextlib.AbstractContextManager:
+    """Where a side method runs the frozen backbone: ``torch.no_grad()`` (no graph, the memory
+    saving), except inside :func:`track_frozen`, where the caller's grad mode is kept."""
+    return contextlib.nullcontext() if _TRACK_FROZEN.get() else torch.no_grad()
+
+
+@contextlib.contextmanager
+def track_frozen() -> Iterator[None]:
+    """Let gradients flow through the frozen backbone of side methods meanwhile: attribution
+    (Grad-CAM, Integrated Gradients) needs the output's gradient with respect to the backbone's
+    features and the input, which :func:`frozen_pass` otherwise never records."""
+    token = _TRACK_FROZEN.set(True)
+    try:
+        yield
+    finally:
+        _TRACK_FROZEN.reset(token)
 
 
 class Stash(list):
@@ -51,11 +75,11 @@ class FeatureTap(Wrapper):
             self.stash.clear()
         if self.record != "output":
             self.stash.append(x)
-        with torch.no_grad():
+        with frozen_pass():
             y = self.base(x, *args, **kwargs)
         if self.record != "input":
             self.stash.append(y)
         return y
 
 
-__all__ = ["FeatureTap", "Stash"]
+__all__ = ["FeatureTap", "Stash", "frozen_pass", "track_frozen"]

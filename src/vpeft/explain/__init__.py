@@ -5,7 +5,8 @@ parameters matter.
 >>> explain_run("runs/cifar10-lora", "images/", "explain/", split="val200")
 
 Modules: :mod:`~vpeft.explain.rollout` (attention capture and rollout),
-:mod:`~vpeft.explain.gradmaps` (Grad-CAM, Integrated Gradients via Captum),
+:mod:`~vpeft.explain.gradmaps` (Grad-CAM, gradient-weighted rollout, Integrated Gradients
+via Captum),
 :mod:`~vpeft.explain.attribution` (update and added-output sizes, ablation per block),
 :mod:`~vpeft.explain.figures` (PNG figures), :mod:`~vpeft.explain.explainer` (the whole report).
 """
@@ -18,7 +19,7 @@ from vpeft.explain.attribution import (
     update_ratios,
 )
 from vpeft.explain.explainer import collect_images, copy_head, explain, explain_run
-from vpeft.explain.gradmaps import gradcam, integrated_gradients
+from vpeft.explain.gradmaps import gradcam, gradient_rollout, integrated_gradients
 from vpeft.explain.rollout import (
     added_token_mass,
     capture_attention,
@@ -30,7 +31,8 @@ from vpeft.explain.rollout import (
 
 __all__ = [
     "ablation", "added_outputs", "added_token_mass", "blocks_with_added", "capture_attention",
-    "collect_images", "copy_head", "explain", "explain_run", "gradcam", "integrated_gradients",
+    "collect_images", "copy_head", "explain", "explain_run", "gradcam", "gradient_rollout",
+    "integrated_gradients",
     "prompt_patch_maps", "rollout", "rollout_map", "switch_off_block", "token_layout",
     "update_ratios",
 ]

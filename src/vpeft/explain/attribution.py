@@ -9,7 +9,9 @@ method's name:
   the base model's.
 * **added output** (adapters and every other wrapper inside a block): on the given images,
   ``||wrapper(x) - base(x)|| / ||h||``, what the added module changes in its host's output
-  relative to the residual stream ``h`` entering the block.
+  relative to the residual stream ``h`` entering the block. A wrapper outside the blocks and the
+  heads (a pixel prompt on the input stem, a side network on the final norm) is measured
+  relative to its own base output: ``||wrapper(x) - base(x)|| / ||base(x)||``.
 * **ablation**: the model with one block's added modules switched off (its wrappers taken out and
   its base tensors restored), which is the model adapted on the other blocks only; its loss and
   accuracy on a split against the adapted model's.
@@ -107,9 +109,10 @@ def update_ratios(adapted: nn.Module, base: nn.Module, view: BackboneView
 @torch.no_grad()
 def added_outputs(adapted: nn.Module, view: BackboneView, x: torch.Tensor
                   ) -> dict[str, float] | None:
-    """Mean over ``x`` of ``||wrapper(x) - base(x)|| / ||h||`` for every outermost wrapper in a
-    block whose output has its base's shape (``h``: the residual stream entering the block).
-    None where the method has no such wrapper."""
+    """Mean over ``x`` of ``||wrapper(x) - base(x)|| / ||h||`` for every outermost wrapper whose
+    output has its base's shape (``h``: the residual stream entering the wrapper's block, or the
+    base output for a wrapper outside the blocks; heads are left out). None where the method has
+    no such wrapper."""
     residual: dict[int, torch.Tensor] = {}
     sizes: dict[str, torch.Tensor] = {}
     handles = []
@@ -119,21 +122,25 @@ def added_outputs(adapted: nn.Module, view: BackboneView, x: torch.Tensor
             residual[i] = args[0].detach().flatten(1).float().norm(dim=1)
         return hook
 
-    def wrapper_hook(path: str, i: int):
+    def wrapper_hook(path: str, i: int | None):
         def hook(module: Wrapper, args, kwargs, out):
-            ref = module.base(*args, **kwargs)
+            try:
+                ref = module.base(*args, **kwargs)
+            except (AssertionError, RuntimeError):  # a base that only runs through its wrapper
+                return  # (open_clip's attention, whose projections the family's prepare packed)
             if isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor) \
                     and out.shape == ref.shape:
                 delta = (out - ref).detach().flatten(1).float().norm(dim=1)
-                sizes[path] = delta / residual[i].clamp_min(1e-12)
+                scale = ref.flatten(1).float().norm(dim=1) if i is None else residual[i]
+                sizes[path] = delta / scale.clamp_min(1e-12)
         return hook
 
     for i, p in enumerate(view.blocks):
         handles.append(adapted.get_submodule(p).register_forward_pre_hook(block_hook(i)))
     for path, w in wrappers(adapted):
-        i = block_of(view, path)
-        if i is not None:
-            handles.append(w.register_forward_hook(wrapper_hook(path, i), with_kwargs=True))
+        if not view.in_head(path):
+            handles.append(w.register_forward_hook(wrapper_hook(path, block_of(view, path)),
+                                                   with_kwargs=True))
     try:
         adapted.eval()
         adapted(x)
@@ -158,22 +165,27 @@ def switch_off_block(adapted: nn.Module, base: nn.Module, view: BackboneView, i:
                                                             keep_vars=True).items():
             if name in base_sd and base_sd[name].shape == t.shape:
                 t.copy_(base_sd[name])
+    get_state(adapted).method.block_switched_off(model, view, i)
     return model
 
 
-def _feature_shape(model: nn.Module, view: BackboneView, x: torch.Tensor) -> tuple[int, ...]:
+def _feature_shape(model: nn.Module, view: BackboneView, x: torch.Tensor
+                   ) -> tuple[int, ...] | str:
     """Shape of what reaches the final norm (or the head), to tell a model whose token sequence
-    an ablation broke (e.g. prompts inserted by one block and removed by another)."""
+    an ablation broke (e.g. prompts inserted by one block and removed by another); the error
+    where the model no longer runs at all (e.g. a head that reads every block's added tokens)."""
     where = view.final_norm or (view.heads[0] if view.heads else None)
-    if where is None:
-        return tuple(model(x).shape)
     seen = []
-    h = model.get_submodule(where).register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    h = None if where is None else model.get_submodule(where).register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].shape))
     try:
-        model(x)
+        out = model(x)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
     finally:
-        h.remove()
-    return tuple(seen[0])
+        if h is not None:
+            h.remove()
+    return tuple(seen[0] if seen else out.shape)
 
 
 @torch.no_grad()
@@ -205,7 +217,12 @@ def ablation(adapted: nn.Module, base: nn.Module, view: BackboneView,
                            "skipped": {}}
     for i in blocks_with_added(adapted, view):
         model = switch_off_block(adapted, base, view, i)
-        if _feature_shape(model, view, probe) != want:
+        got = _feature_shape(model, view, probe)
+        if isinstance(got, str):
+            out["skipped"][str(i)] = ("switching this block off alone breaks the model (its "
+                                      f"modules feed others, e.g. a widened head): {got}")
+            continue
+        if got != want:
             out["skipped"][str(i)] = ("switching this block off alone changes the token "
                                       "sequence the head reads (its modules insert or remove "
                                       "tokens for other blocks)")

@@ -3,8 +3,9 @@
 :func:`explain` works on models in memory; :func:`explain_run` on a run folder made by
 ``vpeft train`` (what ``vpeft explain`` calls). Both write into ``out``:
 
-* ``<image>.png``: per image, one row per map kind (attention rollout, Grad-CAM, Integrated
-  Gradients): the image, the base model's map, the adapted model's map, their difference.
+* ``<image>.png``: per image, one row per map kind (attention rollout, gradient-weighted
+  rollout, Grad-CAM, Integrated Gradients): the image, the base model's map, the adapted model's
+  map, their difference.
 * ``prompts_<image>.png``: for methods that add tokens or keys (VPT, prefix ...), which patches
   attend to each added token.
 * ``attribution_blocks.png`` / ``attribution_heatmap.png``: update size, added-output size,
@@ -38,14 +39,15 @@ from vpeft.core.state import get_state
 from vpeft.core.surgery import Wrapper
 from vpeft.data import data_config, eval_transform
 from vpeft.data.datasets import IMAGE_EXTENSIONS
-from vpeft.explain import attribution, figures, gradmaps
+from vpeft.explain import attribution, gradmaps
+from vpeft.explain import figures as plots
 from vpeft.explain.rollout import (
     added_token_mass,
     capture_attention,
     prompt_patch_maps,
+    rollout_layout,
     rollout_map,
     token_layout,
-    usable,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,47 +110,54 @@ def _pooled_by_prefix(model: nn.Module) -> bool:
 
 def _image_maps(models: dict[str, nn.Module], view: BackboneView, x: torch.Tensor,
                 ig_steps: int, absent: dict[str, str]) -> tuple[dict, dict, Any]:
-    """Raw maps of one image for each model, the predictions, and the adapted model's attention."""
-    layout = token_layout(view, tuple(x.shape[-2:]))
+    """Raw maps of one image for each model, the predictions, and the adapted model's attention
+    with its token layout (None where rollout does not apply)."""
+    size = tuple(x.shape[-2:])
     raw: dict[str, dict[str, torch.Tensor]] = {}
     preds, atts = {}, {}
     for name, model in models.items():
-        with torch.no_grad(), capture_attention(model, get_view(model)) as att:
+        with torch.no_grad(), capture_attention(model, view) as att:
             preds[name] = model(x).softmax(-1)[0]
-        atts[name] = att
+        atts[name] = (att, *rollout_layout(att, view, size, x.shape[0]))
     target = preds["adapted"].argmax().view(1)
     for name, model in models.items():
         maps = raw.setdefault(name, {})
-        if usable(atts[name], layout, 1):
-            maps["rollout"] = rollout_map(atts[name], layout, _pooled_by_prefix(model))[0]
+        att, layout, why = atts[name]
+        if layout is not None:
+            maps["rollout"] = rollout_map(att, layout, _pooled_by_prefix(model))[0]
+            maps["grad-rollout"] = gradmaps.gradient_rollout(model, view, x, target, layout,
+                                                             _pooled_by_prefix(model))[0]
         else:
-            absent["rollout"] = ("the backbone has no global token attention in every block "
-                                 "(a CNN or windowed attention); rollout needs it")
-        maps["gradcam"] = gradmaps.gradcam(model, get_view(model), x, target, layout)[0]
+            absent["rollout"] = absent["grad-rollout"] = why
+        maps["gradcam"] = gradmaps.gradcam(model, view, x, target, token_layout(view, size))[0]
         if ig_steps > 0:
             maps["ig"] = gradmaps.integrated_gradients(model, x, target, ig_steps)[0]
     if ig_steps <= 0:
         absent["ig"] = "switched off (ig_steps = 0)"
-    return raw, preds, atts["adapted"] if usable(atts["adapted"], layout, 1) else None
+    att, layout, _ = atts["adapted"]
+    return raw, preds, (att, layout) if layout is not None else None
 
 
 def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[str | Path],
             out: str | Path, img_size: int | None = None,
             batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
             ig_steps: int = 16, classes: list[str] | None = None,
-            info: dict[str, Any] | None = None) -> dict[str, Any]:
+            info: dict[str, Any] | None = None, figures: bool = True) -> dict[str, Any]:
     """Explain ``adapted`` (a model adapted by vpeft) against ``base`` (the same backbone, not
     adapted; it gets the trained head here) on ``images``; write figures and data into ``out``.
 
     ``batches`` (``(images, labels)`` tensors, already preprocessed) enable the ablation;
-    ``ig_steps`` = 0 skips Integrated Gradients; ``info`` is added to the summary. Returns the
-    summary written to summary.json.
+    ``ig_steps`` = 0 skips Integrated Gradients; ``info`` is added to the summary; ``figures``
+    False writes only maps.npz and summary.json (for scoring many images). Returns the summary
+    written to summary.json.
     """
     state = get_state(adapted)
     paths = collect_images(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    view = get_view(adapted)
+    # the plain backbone's view: paths are the same in both models, and a view found on the
+    # adapted model may miss parts that wrappers hide (Hugging Face q/k/v)
+    view = get_view(base)
     notes = copy_head(base, adapted, view)
     adapted.eval()
     base.eval()
@@ -171,7 +180,7 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
         raw, preds, att = _image_maps(models, view, x, ig_steps, absent)
         size = (pil.height, pil.width)
         shown: dict[str, dict[str, np.ndarray]] = {}
-        for kind in raw["adapted"]:
+        for kind in [k for k in raw["adapted"] if k in raw["base"]]:
             m = {name: _to_image(raw[name][kind], size) for name in MODELS}
             m["diff"] = m["adapted"] - m["base"]
             shown[kind] = m
@@ -183,23 +192,26 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
                    f"{label(p_base)} ({float(preds['base'][p_base]):.2f}); maps for "
                    f"{label(p_ad)}")
         fig_name = f"{Path(key).stem}.png".replace("/", "_")
-        figures.image_figure(out / fig_name, np.asarray(pil), shown, caption)
+        if figures:
+            plots.image_figure(out / fig_name, np.asarray(pil), shown, caption)
         entry = {"file": str(path), "key": key, "size": [pil.width, pil.height],
-                 "figure": fig_name, "adapted": {"class": p_ad, "label": label(p_ad)},
+                 **({"figure": fig_name} if figures else {}),
+                 "adapted": {"class": p_ad, "label": label(p_ad)},
                  "base": {"class": p_base, "label": label(p_base)},
                  "maps": sorted(shown)}
-        layout = token_layout(view, tuple(x.shape[-2:]))
         if att is not None:
+            att, layout = att
             masses.append([None if a is None else added_token_mass(a, layout) for a in att.maps])
             prompts = prompt_patch_maps(att, layout)
             if prompts is not None:
                 up = np.stack([_to_image(m, size) for m in prompts[0]])
                 arrays[f"{key}/prompts/adapted"] = up
                 name = f"prompts_{fig_name}"
-                figures.prompt_figure(out / name, np.asarray(pil), up,
-                                      f"{path.name}: patches attending to each prompt token "
-                                      "(mean over blocks)")
-                entry["prompt_figure"] = name
+                if figures:
+                    plots.prompt_figure(out / name, np.asarray(pil), up,
+                                        f"{path.name}: patches attending to each prompt token "
+                                        "(mean over blocks)")
+                    entry["prompt_figure"] = name
                 entry["prompt_top_patches"] = [
                     [int(i) for i in m.flatten().topk(min(5, m.numel())).indices]
                     for m in prompts[0]
@@ -207,9 +219,11 @@ def explain(adapted: nn.Module, base: nn.Module, images: str | Path | Sequence[s
         per_image.append(entry)
     summary = _summary(adapted, base, view, torch.cat(xs), masses, batches, absent)
     summary.update(images=per_image, notes=notes, **(info or {}))
-    summary["figures"] = [f for e in per_image for f in (e["figure"], e.get("prompt_figure"))
-                          if f] + figures.attribution_figures(
-        out, summary, view.blocks, state.config.method)
+    summary["figures"] = [f for e in per_image for f in (e.get("figure"), e.get("prompt_figure"))
+                          if f]
+    if figures:
+        summary["figures"] += plots.attribution_figures(out, summary, view.blocks,
+                                                        state.config.method)
     _write(out, summary, arrays)
     return summary
 
@@ -223,7 +237,8 @@ def _summary(adapted: nn.Module, base: nn.Module, view: BackboneView, x: torch.T
         "definitions": {
             "update": "per module ||W_adapted - W_base|| / ||W_base|| (merged weights)",
             "added_output": "per wrapped module, mean over the images of "
-                            "||module(x) - base_module(x)|| / ||residual stream into the block||",
+                            "||module(x) - base_module(x)|| / ||residual stream into the block|| "
+                            "(outside the blocks: / ||base_module(x)||)",
             "prompt_mass": "per block, mean attention mass image tokens give added tokens/keys",
             "ablation": "loss/top-1 with one block's added modules switched off",
             "maps": "each map scaled to [0, 1] (min to 0, max to 1); diff = adapted - base",
@@ -285,7 +300,8 @@ def split_batches(model: nn.Module, data: str | Path, split: str, img_size: int 
 
 def explain_run(run: str | Path, images: str | Path | Sequence[str | Path], out: str | Path,
                 split: str | None = None, limit: int | None = None, ig_steps: int = 16,
-                weights: str | None = None, data: str | None = None) -> dict[str, Any]:
+                weights: str | None = None, data: str | None = None,
+                figures: bool = True) -> dict[str, Any]:
     """:func:`explain` on the model of run folder ``run`` (its backbone rebuilt as in training,
     on the CPU); ``split`` (e.g. ``val200``) of the run's data (or ``data``) feeds the ablation,
     its first ``limit`` images if given."""
@@ -306,4 +322,5 @@ def explain_run(run: str | Path, images: str | Path | Sequence[str | Path], out:
                                 limit)
         info["split"] = {"data": str(data or config.data), "split": split,
                          "images": sum(len(b[1]) for b in batches)}
-    return explain(adapted, base, images, out, config.img_size, batches, ig_steps, classes, info)
+    return explain(adapted, base, images, out, config.img_size, batches, ig_steps, classes, info,
+                   figures)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-TITLES = {"rollout": "attention rollout", "gradcam": "Grad-CAM",
-          "ig": "Integrated Gradients"}
+TITLES = {"rollout": "attention rollout", "grad-rollout": "gradient-weighted rollout",
+          "gradcam": "Grad-CAM", "ig": "Integrated Gradients"}
 
 
 def _plt():

@@ -16,6 +16,7 @@ renormalised; that mass is reported separately by :func:`added_token_mass`.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -61,6 +62,23 @@ def token_layout(view: BackboneView, image_size: tuple[int, int]) -> TokenLayout
     return TokenLayout(view.num_prefix_tokens, (h // view.patch_size, w // view.patch_size))
 
 
+def feature_layout(view: BackboneView, image_size: tuple[int, int], tokens: int
+                   ) -> TokenLayout | None:
+    """The layout of a sequence of ``tokens`` in a model whose view does not fix one (Hugging
+    Face and open_clip towers, a downsampled stage): the view's where it has one; else the last
+    ``(H / patch) * (W / patch)`` tokens are the patches and any before them prefix tokens; else
+    a square grid of all the tokens (a merged stage); None where neither fits."""
+    if (layout := token_layout(view, image_size)) is not None:
+        return layout
+    if view.patch_size:
+        h, w = image_size
+        grid = (h // view.patch_size, w // view.patch_size)
+        if tokens >= grid[0] * grid[1]:
+            return TokenLayout(tokens - grid[0] * grid[1], grid)
+    side = math.isqrt(tokens)
+    return TokenLayout(0, (side, side)) if side * side == tokens else None
+
+
 @dataclass
 class Attention:
     """Head-averaged attention of each block: ``maps[i]`` is (B, queries, keys) or None."""
@@ -85,11 +103,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | 
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, view: BackboneView) -> Iterator[Attention]:
+def capture_attention(model: nn.Module, view: BackboneView, with_grad: bool = False
+                      ) -> Iterator[Attention]:
     """Record each block's attention during the forwards inside the ``with``.
 
     A block that calls attention several times (VQT's queries) keeps the call with the most
     queries (its own token sequence); a block whose attention is windowed or absent gets None.
+    ``with_grad``: keep every head, (B, heads, Nq, Nk), in the autograd graph, the attention's
+    output computed from exactly these probabilities (so their gradient is the model's); for
+    gradient-weighted rollout, in evaluation mode (no attention dropout).
     """
     out = Attention([None] * view.depth)
     current = [-1]
@@ -97,6 +119,14 @@ def capture_attention(model: nn.Module, view: BackboneView) -> Iterator[Attentio
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         i = current[0]
+        if i >= 0 and with_grad:
+            probs = attention_probs(q, k, attn_mask, is_causal, scale)
+            seen = out.maps[i]
+            if seen is None or probs.shape[-2] > seen.shape[-2]:
+                out.maps[i] = probs
+            return (probs.to(v.dtype) @ v) if not kw else original(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, **kw)
         if i >= 0:
             probs = attention_probs(q.detach(), k.detach(), attn_mask, is_causal, scale)
             probs = probs.mean(dim=1) if probs.ndim == 4 else probs  # heads averaged
@@ -128,12 +158,17 @@ def capture_attention(model: nn.Module, view: BackboneView) -> Iterator[Attentio
             h.remove()
 
 
-def image_token_attention(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(B, Nq, Nk) attention restricted to the image tokens, rows renormalised: (B, T, T)."""
+def image_tokens(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, Nq, Nk) attention (or relevance) restricted to the image tokens: (B, T, T)."""
     nq, nk = a.shape[-2:]
     rows = layout.image_queries(nq).to(a.device)
     cols = rows + (nk - nq)
-    sub = a[:, rows][:, :, cols]
+    return a[:, rows][:, :, cols]
+
+
+def image_token_attention(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(B, Nq, Nk) attention restricted to the image tokens, rows renormalised: (B, T, T)."""
+    sub = image_tokens(a, layout)
     return sub / sub.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -151,6 +186,17 @@ def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     return joint
 
 
+def pooled_patch_map(joint: torch.Tensor, layout: TokenLayout, pooled_by_prefix: bool
+                     ) -> torch.Tensor:
+    """(B, grid_h, grid_w): the rows of a (B, T, T) token-to-token map that the pooled feature
+    reads (the prefix tokens', else every patch's), averaged, over the patches, summing to 1."""
+    p = layout.num_prefix
+    rows = joint[:, :p] if pooled_by_prefix and p else joint[:, p:]
+    patch = rows.mean(dim=1)[:, p:]
+    patch = patch / patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return patch.view(-1, *layout.grid)
+
+
 def rollout_map(att: Attention, layout: TokenLayout, pooled_by_prefix: bool) -> torch.Tensor:
     """(B, grid_h, grid_w) rollout of the pooled feature over the patches, each summing to 1.
 
@@ -158,11 +204,7 @@ def rollout_map(att: Attention, layout: TokenLayout, pooled_by_prefix: bool) -> 
     mean of the patch tokens (average-pooled models).
     """
     joint = rollout([image_token_attention(a, layout) for a in att.maps if a is not None])
-    p = layout.num_prefix
-    rows = joint[:, :p] if pooled_by_prefix and p else joint[:, p:]
-    patch = rows.mean(dim=1)[:, p:]
-    patch = patch / patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return patch.view(-1, *layout.grid)
+    return pooled_patch_map(joint, layout, pooled_by_prefix)
 
 
 def added_token_mass(a: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
@@ -195,9 +237,23 @@ def prompt_patch_maps(att: Attention, layout: TokenLayout) -> torch.Tensor | Non
     return mean.transpose(1, 2).reshape(mean.shape[0], -1, *layout.grid)
 
 
-def usable(att: Attention, layout: TokenLayout | None, batch: int) -> bool:
-    """Whether every block left a global attention over its sequence (not windowed, not absent)."""
-    return layout is not None and all(
-        a is not None and a.shape[0] == batch and a.shape[-2] >= layout.num_image_tokens
-        for a in att.maps
-    )
+def rollout_layout(att: Attention, view: BackboneView, image_size: tuple[int, int],
+                   batch: int) -> tuple[TokenLayout | None, str | None]:
+    """The token layout rollout runs on, or None and why rollout does not apply to this model:
+    it needs every block's attention over one global token sequence."""
+    family = f"the '{view.family}' backbone"
+    if all(a is None for a in att.maps):
+        return None, (f"{family} has no token attention in its blocks (a CNN, or attention "
+                      "that does not call scaled_dot_product_attention); rollout needs it")
+    if any(a is None or a.shape[0] != batch for a in att.maps):
+        return None, (f"{family} attends within local windows in some blocks (as Swin does) "
+                      "and merges patches between stages: rollout multiplies one global "
+                      "token-to-token attention through every block, which it does not have")
+    queries = {a.shape[-2] for a in att.maps}
+    layout = token_layout(view, image_size) or feature_layout(view, image_size, min(queries))
+    if layout is None or (len(queries) > 1 and not view.sequence_tokens):
+        return None, (f"{family} changes its number of tokens between blocks "
+                      f"({sorted(queries)}): rollout needs one token sequence")
+    if min(queries) < layout.num_image_tokens:
+        return None, f"{family}'s attention does not cover every patch token"
+    return layout, None

@@ -32,7 +32,7 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.method import Method
-from vpeft.core.side import FeatureTap, Stash
+from vpeft.core.side import FeatureTap, Stash, frozen_pass
 from vpeft.core.surgery import Wrapper, wrap
 from vpeft.registry import register
 
@@ -90,7 +90,7 @@ class Ladder(Wrapper):
         return self.downs[i](F.layer_norm(h, h.shape[-1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with frozen_pass():
             y = self.base(x)
         feats = list(self.stash)  # [input of block 0, output of block 0, ..., of block L-1]
         self.stash.clear()

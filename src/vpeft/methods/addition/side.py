@@ -29,7 +29,7 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.method import Method
-from vpeft.core.side import FeatureTap, Stash
+from vpeft.core.side import FeatureTap, Stash, frozen_pass
 from vpeft.core.surgery import Wrapper, wrap
 from vpeft.registry import register
 
@@ -82,7 +82,7 @@ class SideBlend(Wrapper):
         return 1.0 - (1.0 - self.alpha) * min(1.0, t / self.curriculum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with frozen_pass():
             y = self.base(x)  # (B, N, D) or (B, D)
         if not self.stash:
             raise RuntimeError("side-tune: no input image recorded; run the whole model")

@@ -172,3 +172,26 @@ class VQT(Method):
                 raise ValueError(f"vqt re-creates Linear heads; {path} is {type(head).__name__}")
             wrap(model, path, lambda h: QueryHead(widen_head(h, extra), outputs, cfg.pool,
                                                            cfg.normalize))
+
+    def block_switched_off(self, model: nn.Module, view: BackboneView, i: int) -> None:
+        """Without block ``i``'s queries the head reads one group fewer: drop its columns, and
+        let the next remaining query block start the forward pass's outputs if ``i`` did."""
+        blocks = [(j, m) for j, b in enumerate(view.blocks)
+                  if isinstance(m := model.get_submodule(b), QueryBlock)]
+        if blocks and not any(m.first for _, m in blocks):
+            blocks[0][1].first = True
+        per_block = 1 if self.config.pool == "mean" else self.config.num_tokens
+        for path in view.heads:
+            head: QueryHead = model.get_submodule(path)
+            linear = head.base
+            start = linear.in_features - sum(per_block * d for d in view.block_dims)
+            start += sum(per_block * d for d in view.block_dims[:i])
+            keep = torch.ones(linear.in_features, dtype=torch.bool)
+            keep[start:start + per_block * view.block_dims[i]] = False
+            narrow = nn.Linear(int(keep.sum()), linear.out_features, linear.bias is not None)
+            narrow = narrow.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            with torch.no_grad():
+                narrow.weight.copy_(linear.weight[:, keep])
+                if linear.bias is not None:
+                    narrow.bias.copy_(linear.bias)
+            head.base = narrow
