@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.core.surgery import NotMergeableError
+from vpeft.core.surgery import NotMergeableError, Wrapper
 
 from conftest import IMG, NUM_CLASSES, TINY, tiny_model
 from rows import Dims, Row, all_rows
@@ -239,14 +239,24 @@ def test_new_parameters_follow_the_model(row: Row, kind: str):
     assert not off, f"tensors not on the model's meta device: {off}"
 
 
+def innermost(module: torch.nn.Module) -> torch.nn.Module:
+    """The original module under any stack of vpeft wrappers."""
+    while isinstance(module, Wrapper):
+        module = module.base
+    return module
+
+
 @pytest.mark.parametrize("row,kind", CASES)
 def test_memory_saving_claim(row: Row, kind: str):
-    """``memory_saving`` <=> no block output needs a gradient (no activation kept for backward)."""
+    """``memory_saving`` <=> no frozen block's output needs a gradient (no activation kept for
+    backward). The hooks sit on the blocks themselves, inside any wrapper: a side network may
+    return its own (trainable) stream at the block's place while the block runs without autograd.
+    """
     model = adapted(row, kind)
     view = vpeft.get_view(tiny_model(kind))  # the blocks' paths, read from the plain model
     flags: list[bool] = []
     hooks = [  # Hugging Face layers return tuples: their first element is the block's output
-        model.get_submodule(b).register_forward_hook(
+        innermost(model.get_submodule(b)).register_forward_hook(
             lambda m, i, o: flags.append(bool((o[0] if isinstance(o, tuple) else o).requires_grad))
         )
         for b in view.blocks
