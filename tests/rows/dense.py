@@ -2,7 +2,7 @@
 Counts use the per-block widths; ConvNeXt and CNN blocks have no attention,
 so one position per block there."""
 
-from rows import CONVNEXT, SWIN, VIT, Dims, Row
+from rows import CONVNEXT, VIT, Dims, Row
 
 
 def _positions(d: Dims) -> int:
@@ -21,9 +21,10 @@ def _e3va(d: Dims, r: int = 8) -> int:
 
 
 ROWS = [
-    Row("mona", _mona, backbones=VIT + SWIN + CONVNEXT),
-    Row("mona", lambda d: _mona(d, 8), {"dim": 8, "zero_up": True}, backbones=("vit", "convnext")),
-    Row("e3va", _e3va, backbones=VIT + SWIN + CONVNEXT),
+    # SwinV2 (res-post-norm) runs too (tests/test_backbones.py), with mona1 placed differently
+    Row("mona", _mona, backbones=(*VIT, "swin", *CONVNEXT)),
+    Row("mona", lambda d: _mona(d, 8), {"dim": 8, "zero_up": True}, backbones=("vit",)),
+    Row("e3va", _e3va, backbones=("vit", "vit-avgpool-reg", "swin", "swinv2", *CONVNEXT)),
     Row("e3va", lambda d: _e3va(d, 4) // 2, {"rank": 4, "positions": ("attn",)},
         backbones=("swin",)),
 ]
