@@ -52,6 +52,9 @@ class BackboneView:
     patch_embed: str | None = None
     final_norm: str | None = None
     sequence_tokens: bool = False  # blocks take (B, N, D) token sequences
+    # the tensor layout blocks take and return: 'tokens' (B, N, D) with the prefix tokens first,
+    # 'nhwc' or 'nchw' maps; '' where methods cannot rely on one (HF, open_clip blocks)
+    block_layout: str = ""
     num_prefix_tokens: int = 0  # class/distillation/register tokens before the patch tokens
     embed_dim: int = 0
     patch_size: int | None = None

@@ -77,6 +77,7 @@ def cnn_view(model: nn.Module) -> BackboneView | None:
         final_features=_final_features(model, blocks[-1], heads),
         heads=heads,
         sequence_tokens=False,
+        block_layout="nchw",
         embed_dim=getattr(model, "num_features", block_dims[-1]),
         in_chans=first_conv.in_channels,
     )

@@ -30,6 +30,7 @@ def convnext_view(model: nn.Module) -> BackboneView | None:
         convs=[f"{p}.{n}" for p, b in blocks for n, m in b.named_modules()
                if isinstance(m, nn.Conv2d)],
         mlp="mlp",
+        block_layout="nchw",
         norms=("norm",),
         heads=head_paths(model),
         # no patch embedding or final norm of tokens: the stem is a conv, the norm is in the head

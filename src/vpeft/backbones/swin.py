@@ -35,6 +35,7 @@ def swin_view(model: nn.Module) -> BackboneView | None:
         patch_embed="patch_embed",
         final_norm="norm",
         sequence_tokens=False,  # blocks take (B, H, W, C) maps, attention runs per window
+        block_layout="nhwc",
         embed_dim=model.num_features,  # the width the final norm sees (the last stage's)
         patch_size=model.patch_embed.patch_size[0],
         in_chans=model.patch_embed.proj.in_channels,

@@ -38,6 +38,7 @@ def token_model_parts(model: nn.Module) -> dict[str, Any]:
         patch_embed="patch_embed",
         final_norm="norm",
         sequence_tokens=True,
+        block_layout="tokens",
         num_prefix_tokens=model.num_prefix_tokens,
         embed_dim=model.embed_dim,
         patch_size=model.patch_embed.patch_size[0],
