@@ -54,10 +54,11 @@ class DenseDecoder(nn.Module):
     """
 
     def __init__(self, paths: list[str], dims: list[int], num_classes: int,
-                 patch: int | None) -> None:
+                 patch: int | None, layout: str = "") -> None:
         super().__init__()
         self.paths, self.dims, self.num_classes, self.patch = list(paths), list(dims), \
             num_classes, patch
+        self.layout = layout  # the view's block_layout: tokens, nhwc, nchw ('' : by shape)
         self.__dict__["_feats"] = Stash()  # this forward's block outputs, in path order
         self.__dict__["_handles"] = Stash()  # the taps of this forward
         self.__dict__["_size"] = Stash()  # the input's (H, W)
@@ -94,7 +95,9 @@ class DenseDecoder(nn.Module):
 
     def _grid(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if x.ndim == 4:  # NCHW (CNNs, ConvNeXt) or NHWC (Swin)
-            return x if x.shape[1] == dim and x.shape[-1] != dim else x.permute(0, 3, 1, 2)
+            nhwc = self.layout == "nhwc" or (not self.layout and x.shape[-1] == dim
+                                             and x.shape[1] != dim)
+            return x.permute(0, 3, 1, 2) if nhwc else x
         if x.ndim != 3:
             raise ValueError(f"cannot read a {x.ndim}-d block output as a feature map")
         h, w = self._size[0]
@@ -117,8 +120,8 @@ class LinearDecoder(DenseDecoder):
     (as DINOv2's linear segmentation head)."""
 
     def __init__(self, paths: list[str], dims: list[int], num_classes: int,
-                 patch: int | None, width: int = 0) -> None:
-        super().__init__(paths[-1:], dims[-1:], num_classes, patch)
+                 patch: int | None, width: int = 0, layout: str = "") -> None:
+        super().__init__(paths[-1:], dims[-1:], num_classes, patch, layout)
         self.norm = nn.BatchNorm2d(dims[-1])
         self.classifier = nn.Conv2d(dims[-1], num_classes, 1)
 
@@ -134,8 +137,8 @@ class FPNDecoder(DenseDecoder):
     the same stride and the pyramid fuses depths; on hierarchical models it also fuses scales."""
 
     def __init__(self, paths: list[str], dims: list[int], num_classes: int,
-                 patch: int | None, width: int = 128) -> None:
-        super().__init__(paths, dims, num_classes, patch)
+                 patch: int | None, width: int = 128, layout: str = "") -> None:
+        super().__init__(paths, dims, num_classes, patch, layout)
         self.laterals = nn.ModuleList(nn.Conv2d(d, width, 1) for d in dims)
         self.smooth = nn.ModuleList(
             nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
@@ -178,7 +181,7 @@ def install_decoder(model: nn.Module, kind: str = "fpn", width: int = 128) -> De
     paths = [view.blocks[i] for i in idx]
     dims = [view.block_dims[i] if view.block_dims else view.embed_dim for i in idx]
     cls = LinearDecoder if kind == "linear" else FPNDecoder
-    decoder = cls(paths, dims, num_classes, view.patch_size, width)
+    decoder = cls(paths, dims, num_classes, view.patch_size, width, view.block_layout)
     if len(view.heads) > 1:  # e.g. DeiT's distillation head, averaged with the other one
         raise ValueError(f"segmentation needs a model with one classifier head; "
                          f"{type(model).__name__} has {len(view.heads)}: {', '.join(view.heads)}")
