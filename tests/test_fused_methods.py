@@ -42,6 +42,26 @@ def test_ssf_lean_path_matches_plain_autograd(kind, train_base):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_ssf_scaled_linear_matches_plain_autograd(bias):
+    """A frozen Linear's SSF runs as one product with the scale folded into its weight rows."""
+    from vpeft.methods.partial.ssf import _ScaledLinearFunction
+
+    m = _ssf(nn.Linear(8, 6, bias=bias), 6)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    node = m(x).grad_fn.next_functions[0][0]  # under the reshape back to (2, 4, 6)
+    assert type(node).__name__ == "_ScaledLinearFunctionBackward"  # the folded path ran
+    lean = _grads(m, x, m)
+    plain = _grads(m, x, lambda t: ScaleShift.forward(m, t))
+    assert len(lean) == 4
+    for a, b in zip(lean, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    w, c = m.base.weight, m.base.bias
+    args = (x.detach()[0].requires_grad_(True), w, c, m.scale.detach().clone().requires_grad_(True),
+            m.shift.detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(_ScaledLinearFunction.apply, args)
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e-3])
 def test_ssf_function_gradcheck(scale):
     y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
