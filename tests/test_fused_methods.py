@@ -218,3 +218,31 @@ def test_fact_with_dropout_keeps_the_base_path_and_masks_only_the_update():
     with torch.no_grad():
         layer.factors.v.zero_()  # V = 0: the update vanishes, whatever the mask
     torch.testing.assert_close(layer(x), layer.base(x))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_repadapter_fused_matches_the_adapter_as_written(dropout, bias):
+    """RepAdapter's fused function (folded into the Linear without dropout) gives the outputs and
+    gradients of ``base(x + s (B drop(A x + a) + b))``."""
+    from vpeft.methods.partial.repadapter import RepAdaptedLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 12, bias=bias).double().requires_grad_(False)
+    m = RepAdaptedLinear(base, hidden=4, groups=2, scale=1.5, dropout=dropout).double().train()
+    with torch.no_grad():
+        for p in (m.up, m.up_bias, m.down_bias):
+            p.normal_()  # B and the biases start at zero: make every gradient non-trivial
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    node = m(x).grad_fn.next_functions[0][0]
+    assert type(node).__name__ == "_RepAdapterFunctionBackward"
+    torch.manual_seed(2)
+    fused = _grads(m, x, m)
+    torch.manual_seed(2)  # the same mask, given to the plain path's dropout
+    keep = torch.empty(15, 4).bernoulli_(1 - dropout)
+    if dropout:
+        m.dropout.forward = lambda h: h * keep.view(h.shape) / (1 - dropout)
+    want = _grads(m, x, m.adapted)
+    assert len(fused) == 6  # output, A, a, B, b, x
+    for a, b in zip(fused, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
