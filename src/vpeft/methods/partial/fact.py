@@ -100,10 +100,14 @@ class _FacTFunction(torch.autograd.Function):
         ub, vb = _FacTFunction.blocks(u, v, x.shape[1], out)
         ctx.fold = keep is None and x.dtype in (torch.float32, torch.float64)
         w = torch.addmm(weight, vb @ cmat.t(), ub, alpha=scale) if ctx.fold else weight
-        yf = F.linear(x, torch.cat([w, ub]), None if bias is None else
-                      torch.cat([bias, bias.new_zeros(fr)]))
-        # not a view for autograd: the caller may modify y in place (its memory is y's own)
-        y, f = yf[:, :out].detach(), yf[:, out:].clone()
+        if ub.shape[0] > u.shape[0]:  # several input slices: Ub's zeros would cost FLOPs
+            y = F.linear(x, w, bias)
+            f = (x.reshape(-1, u.shape[1]) @ u.t()).view(x.shape[0], fr)
+        else:
+            yf = F.linear(x, torch.cat([w, ub]), None if bias is None else
+                          torch.cat([bias, bias.new_zeros(fr)]))
+            # not a view for autograd: the caller may modify y in place (its memory is y's own)
+            y, f = yf[:, :out].detach(), yf[:, out:].clone()
         if not ctx.fold:
             y.addmm_(_FacTFunction.masked(f @ cmat, keep, p), vb.t(), alpha=scale)
         ctx.save_for_backward(x, weight, u, cmat, v, f, keep)
