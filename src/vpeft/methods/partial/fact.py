@@ -71,49 +71,82 @@ class FacTFactors(nn.Module):
             if tucker else None
 
 
-class _FacTUpdate(torch.autograd.Function):
-    """``y += s * drop(z) V^T``, ``z = einsum(x_i U^T, cores)``, in place on rows ``y``.
+class _FacTFunction(torch.autograd.Function):
+    """A frozen Linear plus its FacT update, ``y = x W^T + c + s drop(f C) Vb^T``, ``f = x Ub^T``.
 
-    Saves ``x``, the factors and the dropout's keep mask (bytes) only: the rank-r features
-    ``x_i U^T`` and ``z`` are recomputed in the backward (rank-r products, cheap), where autograd
-    would keep them and their dropout copies, several times the width of the tokens at r = 32.
+    ``Ub`` and ``Vb`` are ``U`` and ``V`` repeated along a block diagonal (one block per input /
+    output slice) and ``C`` is the slices' cores as one ``(n_in r, n_out r)`` matrix. Built like
+    the fused LoRA function (:class:`~vpeft.methods.partial.lora._LoRAFunction`): a rank-r
+    product costs little in FLOPs but reads a whole activation, about as long as the layer's own
+    product on a CPU, so they are folded into the large products the frozen layer runs anyway:
+
+    * forward: ``[y | f] = x [W + dW ; Ub]^T`` in one product, ``dW = s Vb C^T Ub`` built from
+      the factors (``d^2 r`` work, no activation); with dropout (a mask on ``f C``, per token)
+      the update cannot fold: ``[y | f] = x [W ; Ub]^T``, then ``y += s (m * f C) Vb^T``;
+    * backward: ``[g_x | g_z] = g [W + dW | s Vb]`` in one product gives the input gradient
+      with the update already in it (with dropout: ``g_x += (m * g_z) C^T Ub``);
+    * ``U``'s gradient is ``g_f^T x`` and ``V``'s ``(z^T g)^T``, summed over slices through a
+      ``(N * slices, D)`` view: one read of ``x`` and of ``g`` each.
+
+    Saves ``x`` (the Linear's input, which :mod:`vpeft.core.recompute` recomputes where it is a
+    norm's or the GELU's output), the narrow ``f`` and the dropout's keep mask (bytes).
+    ``x`` is ``(N, n_in D)``, ``y`` ``(N, n_out D)``; the weight may train (its gradient is then
+    ``g^T x``).
     """
 
     @staticmethod
-    def forward(ctx, y, x, u, cores, v, keep, p, scale):  # type: ignore[override]
-        z = _FacTUpdate.features(x, u, cores, keep, p)[1]
-        y.view(*z.shape[:-1], u.shape[1]).add_(z @ v.t(), alpha=scale)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(x, u, cores, v, keep)
-        ctx.p, ctx.scale = p, scale
+    def forward(ctx, x, weight, bias, u, cmat, v, keep, p, scale):  # type: ignore[override]
+        out, fr = weight.shape[0], cmat.shape[0]
+        ub, vb = _FacTFunction.blocks(u, v, x.shape[1], out)
+        ctx.fold = keep is None and x.dtype in (torch.float32, torch.float64)
+        w = torch.addmm(weight, vb @ cmat.t(), ub, alpha=scale) if ctx.fold else weight
+        if ub.shape[0] > u.shape[0]:  # several input slices: Ub's zeros would cost FLOPs
+            y = F.linear(x, w, bias)
+            f = (x.reshape(-1, u.shape[1]) @ u.t()).view(x.shape[0], fr)
+        else:
+            yf = F.linear(x, torch.cat([w, ub]), None if bias is None else
+                          torch.cat([bias, bias.new_zeros(fr)]))
+            # not a view for autograd: the caller may modify y in place (its memory is y's own)
+            y, f = yf[:, :out].detach(), yf[:, out:].clone()
+        if not ctx.fold:
+            y.addmm_(_FacTFunction.masked(f @ cmat, keep, p), vb.t(), alpha=scale)
+        ctx.save_for_backward(x, weight, u, cmat, v, f, keep)
+        ctx.p, ctx.scale, ctx.has_bias = p, scale, bias is not None
         return y
 
     @staticmethod
-    def features(x: torch.Tensor, u: torch.Tensor, cores: torch.Tensor, keep: torch.Tensor | None,
-                 p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_i U^T`` ``(N, n_in, r)`` and the dropped ``z`` ``(N, n_out, r)``."""
-        feats = F.linear(x.unflatten(-1, (-1, u.shape[1])), u)
-        z = torch.einsum("nir,oiqr->noq", feats, cores)
-        if keep is not None:
-            z = z * keep / (1 - p)
-        return feats, z
+    def blocks(u: torch.Tensor, v: torch.Tensor, inp: int,
+               out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Ub`` ``(n_in r, in)`` and ``Vb`` ``(out, n_out r)``: the factors per slice."""
+        dim = u.shape[1]
+        return torch.block_diag(*[u] * (inp // dim)), torch.block_diag(*[v] * (out // dim))
+
+    @staticmethod
+    def masked(z: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+        return z if keep is None else z * keep / (1 - p)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, u, cores, v, keep = ctx.saved_tensors
-        s, dim = ctx.scale, u.shape[1]
-        feats, z = _FacTUpdate.features(x, u, cores, keep, ctx.p)
-        gs = g.view(*z.shape[:-1], dim)  # (N, n_out, D)
-        gv = s * (z.flatten(0, 1).t() @ gs.flatten(0, 1)).t()  # (D, r)
-        gz = s * (gs @ v)  # (N, n_out, r)
-        if keep is not None:
-            gz = gz * keep / (1 - ctx.p)
-        gcores = torch.einsum("nir,noq->oiqr", feats, gz)
-        gfeats = torch.einsum("noq,oiqr->nir", gz, cores)  # (N, n_in, r)
-        xs = x.unflatten(-1, (-1, dim))
-        gu = (xs.flatten(0, 1).t() @ gfeats.flatten(0, 1)).t()  # (r, D)
-        gx = (gfeats @ u).flatten(-2) if ctx.needs_input_grad[1] else None
-        return g, gx, gu, gcores, gv, None, None, None
+        x, weight, u, cmat, v, f, keep = ctx.saved_tensors
+        need_x, need_w, need_c, need_u, need_cmat, need_v = ctx.needs_input_grad[:6]
+        s, p, (r, dim) = ctx.scale, ctx.p, u.shape
+        g = g.contiguous()
+        ub, vb = _FacTFunction.blocks(u, v, x.shape[1], weight.shape[0])
+        w = torch.addmm(weight, vb @ cmat.t(), ub, alpha=s) if ctx.fold else weight
+        both = g @ torch.cat([w, s * vb], dim=1)  # [g_x | g_z]: one product
+        gx, gz = both[:, : x.shape[1]], _FacTFunction.masked(both[:, x.shape[1]:], keep, p)
+        gf = gz @ cmat.t()  # (N, n_in r)
+        if need_x and not ctx.fold:
+            gx.addmm_(gf, ub)
+        gu = (gf.reshape(-1, r).t() @ x.reshape(-1, dim)) if need_u else None  # (r, D)
+        gcmat = f.t() @ gz if need_cmat else None
+        gv = None
+        if need_v:
+            z = _FacTFunction.masked(f @ cmat, keep, p).reshape(-1, r)
+            gv = s * (z.t() @ g.view(-1, dim)).t()  # (D, r)
+        grad_w = g.t() @ x if need_w else None
+        grad_c = g.sum(0) if need_c and ctx.has_bias else None
+        return (gx if need_x else None), grad_w, grad_c, gu, gcmat, gv, None, None, None
 
 
 class FacTLinear(LinearUpdate):
@@ -147,27 +180,38 @@ class FacTLinear(LinearUpdate):
         """Without active dropout ``dW`` is cheaper to build than the rank-r activation path."""
         return not (self.training and isinstance(self.dropout, nn.Dropout))
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        f, cores = self.factors, self.cores()
-        pad_in = self.codes.shape[1] * self.dim - x.shape[-1]
-        if pad_in or y.shape[-1] % self.dim:  # a last, partial slice (Swin, EVA widths): zeros
-            x = F.pad(x, (0, pad_in)) if pad_in else x
-            u = F.linear(x.unflatten(-1, (-1, self.dim)), f.u)  # (..., n_in, r)
-            z = self.dropout(torch.einsum("...ir,oiqr->...oq", u, cores))  # (..., n_out, r)
-            # y is the Linear's output, not saved for its backward: add in place
-            delta = narrow_linear(z, f.v).flatten(-2)[..., : y.shape[-1]]
-            return y.add_(delta, alpha=self.scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        out, inp = base.out_features, base.in_features
+        if (not torch.is_grad_enabled() or type(base) is not nn.Linear or out % self.dim
+                or inp % self.dim or base._forward_hooks or base._forward_pre_hooks):
+            return super().forward(x)  # the weight path, or update() on a partial slice
+        rows, f, cores = x.reshape(-1, inp), self.factors, self.cores()
+        n_out, n_in, r = cores.shape[:3]
         keep = None
         if self.training and isinstance(self.dropout, nn.Dropout):
-            p = self.dropout.p
-            n_out = y.shape[-1] // self.dim
-            keep = torch.empty(*x.shape[:-1], n_out, cores.shape[-2], device=x.device)
-            keep = keep.bernoulli_(1 - p).bool()
+            keep = torch.empty(rows.shape[0], n_out * r, device=x.device)
+            keep = keep.bernoulli_(1 - self.dropout.p).bool()
+        # z[n, o, q] = sum_{i, r'} f[n, i, r'] cores[o, i, q, r']: one (n_in r, n_out r) matrix
+        cmat = cores.permute(1, 3, 0, 2).reshape(n_in * r, n_out * r)
         dt = compute_dtype(x)
+        ts = (rows, base.weight, base.bias, f.u, cmat, f.v)
         with torch.autocast(x.device.type, enabled=False):
-            # y is the Linear's output, not saved for its backward: the update goes in in place
-            return _FacTUpdate.apply(y, x.to(dt), f.u.to(dt), cores.to(dt), f.v.to(dt), keep,
-                                     self.dropout.p if keep is not None else 0.0, self.scale)
+            y = _FacTFunction.apply(*(t if t is None else t.to(dt) for t in ts), keep,
+                                    self.dropout.p if keep is not None else 0.0, self.scale)
+        return y.view(*x.shape[:-1], out)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The update in plain autograd, for a Linear whose sizes are not multiples of the
+        width (zero-padded last slices) or a hooked base; others run as :class:`_FacTFunction`."""
+        f, cores = self.factors, self.cores()
+        pad_in = self.codes.shape[1] * self.dim - x.shape[-1]
+        x = F.pad(x, (0, pad_in)) if pad_in else x
+        u = F.linear(x.unflatten(-1, (-1, self.dim)), f.u)  # (..., n_in, r)
+        z = self.dropout(torch.einsum("...ir,oiqr->...oq", u, cores))  # (..., n_out, r)
+        # y is the Linear's output, not saved for its backward: add in place
+        delta = narrow_linear(z, f.v).flatten(-2)[..., : y.shape[-1]]
+        return y.add_(delta, alpha=self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors

@@ -29,6 +29,7 @@ from torch import nn
 
 from vpeft.backbones.base import BackboneView, MissingPartError
 from vpeft.core.config import MethodConfig, option
+from vpeft.core.inject import compute_dtype
 from vpeft.core.surgery import Wrapper, wrap
 from vpeft.methods.partial.base import Reparameterization
 from vpeft.registry import register
@@ -49,6 +50,55 @@ class RepAdapterConfig(MethodConfig):
         if not self.positions or set(self.positions) - {"attn", "mlp"}:
             raise ValueError(f"repadapter positions must be among ('attn', 'mlp'), "
                              f"got {self.positions}")
+
+
+class _RepAdapterFunction(torch.autograd.Function):
+    """A frozen Linear on the adapted input, ``y = W (x + s (B drop(A x + a) + b)) + c``, as
+    ``y = x W^T + c_b + drop(h) W_b^T`` with ``h = x A^T + a``, ``W_b = s W B`` and
+    ``c_b = c + s W b`` (the two small products are done by the caller, in autograd).
+
+    Built like the fused LoRA function: without dropout the adapter folds into the layer's one
+    product, ``[y | h] = x [W + W_b A ; A]^T`` (the merge of :meth:`RepAdaptedLinear.fold`), and
+    the backward's ``[g_x | g_h] = g [W + W_b A | W_b]`` gives the input gradient with the
+    adapter's path in it; with dropout (a mask on ``h``) ``y += drop(h) W_b^T`` and
+    ``g_x += (m * g_h) A`` follow. ``A``'s gradient is ``g_h^T x``, ``W_b``'s ``(h^T g)^T``.
+    Saves ``x``, the narrow ``h`` and the keep mask (bytes); ``x`` is ``(N, D)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, down_bias, wb, keep, p):  # type: ignore[override]
+        out = weight.shape[0]
+        ctx.fold = keep is None and x.dtype in (torch.float32, torch.float64)
+        w = torch.addmm(weight, wb, down) if ctx.fold else weight
+        c = torch.addmv(bias, wb, down_bias) if ctx.fold else bias
+        yh = F.linear(x, torch.cat([w, down]), torch.cat([c, down_bias]))
+        # not a view for autograd: the caller may modify y in place (its memory is y's own)
+        y, h = yh[:, :out].detach(), yh[:, out:].clone()
+        if not ctx.fold:
+            y.addmm_(_RepAdapterFunction.masked(h, keep, p), wb.t())
+        ctx.save_for_backward(x, weight, down, wb, h, keep)
+        ctx.p = p
+        return y
+
+    @staticmethod
+    def masked(h: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+        return h if keep is None else h * keep / (1 - p)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight, down, wb, h, keep = ctx.saved_tensors
+        need_x, _, need_c, need_a, need_ab, need_wb = ctx.needs_input_grad[:6]
+        g = g.contiguous()
+        w = torch.addmm(weight, wb, down) if ctx.fold else weight
+        both = g @ torch.cat([w, wb], dim=1)  # [g_x | g_h]: one product
+        gx, gh = both[:, : x.shape[1]], _RepAdapterFunction.masked(both[:, x.shape[1]:],
+                                                                   keep, ctx.p)
+        if need_x and not ctx.fold:
+            gx.addmm_(gh, down)
+        grad_wb = (_RepAdapterFunction.masked(h, keep, ctx.p).t() @ g).t() if need_wb else None
+        return ((gx if need_x else None), None, (g.sum(0) if need_c else None),
+                (gh.t() @ x if need_a else None), (gh.sum(0) if need_ab else None), grad_wb,
+                None, None)
 
 
 class RepAdaptedLinear(Wrapper):
@@ -76,6 +126,32 @@ class RepAdaptedLinear(Wrapper):
         return torch.block_diag(*self.up.unbind(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if (type(base) is nn.Linear and not base.weight.requires_grad and not base._forward_hooks
+                and not base._forward_pre_hooks):
+            return self.fused(x)
+        return self.adapted(x)
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`adapted` as one :class:`_RepAdapterFunction` on a frozen plain Linear."""
+        base, rows = self.base, x.reshape(-1, x.shape[-1])
+        w, bias = base.weight, base.bias if base.bias is not None else base.weight.new_zeros(
+            base.out_features)
+        wb = self.scale * (w @ self.dense_up())  # s W B (out x h)
+        cb = torch.addmv(bias, w, self.up_bias, alpha=self.scale)  # c + s W b
+        keep = None
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            keep = torch.empty(rows.shape[0], self.down.shape[0], device=x.device)
+            keep = keep.bernoulli_(1 - self.dropout.p).bool()
+        dt = compute_dtype(x)
+        ts = (rows, w, cb, self.down, self.down_bias, wb)
+        with torch.autocast(x.device.type, enabled=False):
+            y = _RepAdapterFunction.apply(*(t.to(dt) for t in ts), keep,
+                                          self.dropout.p if keep is not None else 0.0)
+        return y.view(*x.shape[:-1], -1)
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter as written: ``base(x + s * (B (A x + a) + b))``."""
         h = self.dropout(F.linear(x, self.down, self.down_bias))  # (..., h)
         h = torch.einsum("...gi,goi->...go", h.unflatten(-1, (self.groups, -1)), self.up)
         return self.base(x + self.scale * (h.flatten(-2) + self.up_bias))

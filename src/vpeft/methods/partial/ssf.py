@@ -9,8 +9,9 @@ without a bias is skipped: in these CNNs a norm layer follows it, whose scale an
 same affine maps and fold without adding a ``bias`` the plain architecture lacks.
 
 Training stores no activation of its own (:class:`SSFScaleShift`): after a LayerNorm the scale
-and shift are folded into the norm's affine weights, and after a Linear or conv the backward
-recovers the layer's output from the scaled output, which the next operation keeps anyway.
+and shift are folded into the norm's affine weights; after a frozen Linear the scale folds into
+the weight rows of its one product, and after a Linear or conv the backward recovers the
+layer's output from the scaled output, which the next operation keeps anyway.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
 from vpeft.core.conv import NormScaleShift
-from vpeft.core.inject import ScaleShift
+from vpeft.core.inject import ScaleShift, compute_dtype
 from vpeft.core.surgery import wrap
 from vpeft.core.targeting import find_modules
 from vpeft.methods.partial.base import Reparameterization
@@ -85,12 +86,40 @@ class _ScaleShiftFunction(torch.autograd.Function):
         return (g * s if need_y else None), gs, (g.sum_to_size(t.shape) if need_t else None)
 
 
+class _ScaledLinearFunction(torch.autograd.Function):
+    """``z = x (s W)^T + (s c + t)``: a frozen Linear followed by SSF's ``* s + t``, as one product.
+
+    The scale is folded into the weight rows (``out x in`` multiplies, not ``N x out``), so the
+    forward makes no pass over the output and the input gradient is the one product ``g (s W)``
+    the frozen layer needs anyway, with no ``g * s`` pass. The scale's gradient
+    ``sum(g * y) = (sum(g * z) - t sum(g)) / s`` is read off the saved output ``z``, which the
+    next operation keeps (see :class:`_ScaleShiftFunction`; only used where every ``|s|`` is at
+    least :data:`MIN_INVERTIBLE_SCALE`). ``x`` has shape ``(N, in)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s, t):  # type: ignore[override]
+        ws = weight * s[:, None]
+        z = F.linear(x, ws, t if bias is None else torch.addcmul(t, bias, s))
+        ctx.save_for_backward(z, ws, s, t)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        z, ws, s, t = ctx.saved_tensors
+        need_x, _, _, need_s, need_t = ctx.needs_input_grad
+        gt = g.sum(0) if need_s or need_t else None
+        gs = (torch.linalg.vecdot(g, z, dim=0) - t * gt) / s if need_s else None
+        return (g @ ws if need_x else None), None, None, gs, (gt if need_t else None)
+
+
 class SSFScaleShift(ScaleShift):
     """:class:`~vpeft.core.inject.ScaleShift` that keeps no activation of its own in training.
 
     After a plain LayerNorm, ``(n * w + b) * s + t`` runs as one ``F.layer_norm`` with weight
     ``w * s`` and bias ``b * s + t`` (what ``fold`` writes); elsewhere ``y * s + t`` runs as
-    :class:`_ScaleShiftFunction`, unless the model changes that output in place afterwards
+    :class:`_ScaleShiftFunction` (after a frozen ``nn.Linear``: :class:`_ScaledLinearFunction`,
+    one product), unless the model changes that output in place afterwards
     (``output_changed_in_place``, found by the forward-path check at ``adapt``): then autograd
     keeps ``y``.
     """
@@ -103,9 +132,19 @@ class SSFScaleShift(ScaleShift):
             bias = self.shift if base.bias is None else torch.addcmul(self.shift, base.bias,
                                                                       self.scale)
             return F.layer_norm(x, base.normalized_shape, base.weight * self.scale, bias, base.eps)
+        in_place = getattr(self, "output_changed_in_place", False)  # e.g. timm's `qkv += bias`
+        if (type(base) is nn.Linear and not args and not in_place and not base._forward_hooks
+                and not base._forward_pre_hooks and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad)
+                and bool((self.scale.abs() >= MIN_INVERTIBLE_SCALE).all())):
+            dt = compute_dtype(x)
+            ts = (x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.scale, self.shift)
+            with torch.autocast(x.device.type, enabled=False):
+                z = _ScaledLinearFunction.apply(*(None if t is None else t.to(dt) for t in ts))
+            return z.view(*x.shape[:-1], -1)
         y = base(x, *args, **kwargs)
         s, t = self._shape(self.scale, y.ndim), self._shape(self.shift, y.ndim)
-        if getattr(self, "output_changed_in_place", False):  # e.g. timm's `qkv += bias`
+        if in_place:
             return torch.addcmul(t, y, s)  # autograd keeps y, which nothing else changes
         return _ScaleShiftFunction.apply(y, s, t)
 
