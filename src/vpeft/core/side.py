@@ -26,6 +26,11 @@ def frozen_pass() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if _TRACK_FROZEN.get() else torch.no_grad()
 
 
+def tracking_frozen() -> bool:
+    """Whether :func:`track_frozen` is on (an explanation is asking for gradients)."""
+    return bool(_TRACK_FROZEN.get())
+
+
 @contextlib.contextmanager
 def track_frozen() -> Iterator[None]:
     """Let gradients flow through the frozen backbone of side methods meanwhile: attribution
@@ -82,4 +87,4 @@ class FeatureTap(Wrapper):
         return y
 
 
-__all__ = ["FeatureTap", "Stash", "frozen_pass", "track_frozen"]
+__all__ = ["FeatureTap", "Stash", "frozen_pass", "track_frozen", "tracking_frozen"]

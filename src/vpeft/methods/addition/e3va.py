@@ -39,7 +39,7 @@ from vpeft.core.config import MethodConfig, option
 from vpeft.core.grid import from_tokens, to_tokens
 from vpeft.core.inject import Bottleneck
 from vpeft.core.method import Method
-from vpeft.core.side import FeatureTap, Stash
+from vpeft.core.side import FeatureTap, Stash, frozen_pass, tracking_frozen
 from vpeft.core.surgery import Wrapper, wrap
 from vpeft.registry import register
 
@@ -95,8 +95,13 @@ class HighwayBlock(Wrapper):
         elif hw.frozen is None:
             raise RuntimeError("e3va: no frozen stream from the previous block; run the whole "
                                "model")
-        with torch.no_grad():
-            f = self.base(hw.frozen, *args, **kwargs)
+        frozen = hw.frozen
+        if tracking_frozen() and not self.first and x.is_leaf and x.requires_grad:
+            # an explanation differentiates with respect to what enters this block (Grad-CAM
+            # puts a leaf there): the frozen stream's values, reached through that leaf
+            frozen = frozen.detach() + (x - x.detach())
+        with frozen_pass():  # no graph (explanations may ask for one: track_frozen)
+            f = self.base(frozen, *args, **kwargs)
         side = hw.side if hw.side is not None and hw.side.shape == f.shape else None
         for name in self.adapters:
             if name == "attn":
@@ -124,7 +129,7 @@ class HighwayDownsample(Wrapper):
         if hw.frozen is None or hw.side is None:  # before the first block: nothing to carry
             return self.base(x)
         y = self.base(x)  # x = f + s: the highway through the frozen layer, with autograd
-        with torch.no_grad():
+        with frozen_pass():
             f = self.base(hw.frozen)
         hw.frozen, hw.side = f, y - f
         return y
