@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/segmentation.sh [OUT] [METHOD ...]   (default OUT: runs/seg-bench)
 #   NO_PROFILE=1 bash benchmarks/segmentation.sh ...      (train only: no profile, no report)
-#   SEED=1 ...                                            (training seed; the data stay seed 0)
+#   SEED=1 ... / EPOCHS=16 ...                            (training seed, the data stay seed 0; epochs)
 set -euo pipefail
 OUT=${1:-runs/seg-bench}; shift || true
 METHODS=${*:-linear bitfit lora adaptformer ssf mona e3va full}
@@ -22,7 +22,7 @@ for m in $METHODS; do
   [ -f "$OUT/$m/results.json" ] || OMP_NUM_THREADS=$THREADS vpeft train --task segmentation \
     --decoder fpn --data "$DATA" --train-split train --eval-split test \
     --model deit_tiny_patch16_224 --weights "$WEIGHTS" --img-size 112 --method "$m" \
-    --epochs 8 --batch-size 32 --lr $lr --seed "${SEED:-0}" --out "$OUT/$m" --no-progress
+    --epochs "${EPOCHS:-8}" --batch-size 32 --lr $lr --seed "${SEED:-0}" --out "$OUT/$m" --no-progress
 done
 [ -n "${NO_PROFILE:-}" ] || [ -f "$OUT/profile.json" ] || vpeft profile --task segmentation --decoder fpn \
   --model deit_tiny_patch16_224 --weights "$WEIGHTS" --img-size 112 --batch-size 32 \
