@@ -1,7 +1,7 @@
 """Which operations a method's training step adds over the floor, by ``torch.profiler``.
 
     python benchmarks/profile_ops.py --method lora            # DeiT-Tiny, batch 32, 2 threads
-    python benchmarks/profile_ops.py --method fact-tt --top 30
+    python benchmarks/profile_ops.py --method fact-tt --top 30 --by-name  # per op, shapes summed
     python benchmarks/profile_ops.py --blas                   # rank-r product orientations
 
 Self CPU time per op (and input shapes) summed over ``--steps`` steps of the method and of the
@@ -39,6 +39,14 @@ def op_times(step, steps: int) -> collections.Counter:
     return total
 
 
+def by_name(times: collections.Counter) -> collections.Counter:
+    """The same times with every input shape of an op added together."""
+    total: collections.Counter = collections.Counter()
+    for (name, _), ms in times.items():
+        total[(name, "")] += ms
+    return total
+
+
 def median_ms(fn, n: int = 30) -> float:
     for _ in range(3):
         fn()
@@ -69,6 +77,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--blas", action="store_true", help="time rank-r gradient orientations only")
+    p.add_argument("--by-name", action="store_true", help="sum each op's shapes together")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.blas:
@@ -80,6 +89,8 @@ def main() -> None:
     x, y = batch(spec)
     method = op_times(train_step(build(spec, args.method), x, y), args.steps)
     floor = op_times(floor_step(build(spec), x, y), args.steps)
+    if args.by_name:
+        method, floor = by_name(method), by_name(floor)
     print(f"per step: {args.method} {sum(method.values()):.0f} ms of ops, "
           f"floor {sum(floor.values()):.0f} ms")
     print(f"{'+ms':>8} {args.method:>10} {'floor':>8}  op  shapes")

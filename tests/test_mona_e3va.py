@@ -155,3 +155,38 @@ def test_bad_options_are_refused():
         vpeft.adapt(tiny_model("vit"), "mona", positions=("qkv",))
     with pytest.raises(ValueError, match="rank"):
         vpeft.adapt(tiny_model("vit"), "e3va", rank=0)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward while ``fn`` runs (outside any checkpoint)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+def test_mona_recompute_gives_the_same_gradients_and_keeps_less():
+    """``recompute`` (the default) replays each Mona in the backward, dropout masks included:
+    the same loss and gradients as keeping everything, with less kept."""
+    x = images()
+    runs = {}
+    for recompute in (False, True):
+        model = vpeft.adapt(tiny_model("vit"), "mona", recompute=recompute).train()
+        randomize_(model)
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        kept, out = saved_bytes(lambda m=model: m(x))
+        out.square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs[recompute] = kept, out, grads
+    (kept_all, out_all, g_all), (kept_re, out_re, g_re) = runs[False], runs[True]
+    torch.testing.assert_close(out_re, out_all, rtol=0, atol=0)
+    assert g_re.keys() == g_all.keys()
+    for n in g_all:
+        torch.testing.assert_close(g_re[n], g_all[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert kept_re < 0.8 * kept_all

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.bench.profile import ProfileSpec, build, floor_step, flops_per_image, profile
+from vpeft.bench.profile import (
+    ProfileSpec,
+    build,
+    floor_step,
+    flops_per_image,
+    profile,
+    step_flops,
+    train_step,
+)
 from vpeft.cli import main as cli
 
 from conftest import TINY_DIMS, tiny_model
@@ -30,12 +38,35 @@ def spec(**kw) -> ProfileSpec:
 
 
 def test_profile_reports_counts_flops_and_ratios():
-    result = profile(spec(memory=False), [("lora", {"rank": 2}), ("adapter", {})])
-    lora, adapter = result["methods"]
+    result = profile(spec(memory=False), [("lora", {"rank": 2}), ("adapter", {}), ("full", {})])
+    lora, adapter, full = result["methods"]
     assert lora["trainable_params_no_head"] == 2 * 2 * (2 * 48 + 48 * 2)
     assert lora["latency_ratio_merged"] is not None and adapter["latency_ratio_merged"] is None
     assert lora["gflops_per_image"] > result["floor"]["base_gflops_per_image"] > 0
     assert all(r["step_ratio_floor"] > 0 for r in result["methods"])
+    # training FLOPs: full fine-tuning adds every weight gradient (about one more backward);
+    # LoRA's rank-2 products add little (and it needs no input gradient in the first block)
+    assert full["train_flops_ratio_floor"] > 1.3 > 1.1 > lora["train_flops_ratio_floor"] > 0.8
+    assert result["floor"]["train_gflops_per_image"] > result["floor"]["base_gflops_per_image"]
+
+
+def test_step_flops_counts_forward_and_the_weight_gradient_by_hand():
+    x, y = torch.randn(5, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 7))
+    fwd = 2 * 5 * 48 * 7
+    assert step_flops(train_step(model, x, y)) == 2 * fwd  # forward + weight gradient
+    model[1].weight.requires_grad_(False)  # only the bias trains: no product in the backward
+    assert step_flops(train_step(model, x, y)) == fwd
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_step_flops_of_a_grouped_conv_count_each_gradient_once(groups):
+    """PyTorch's formula counts a grouped conv's weight gradient ``groups`` times; ours once."""
+    x, y = torch.randn(2, 4, 6, 6), torch.tensor([0, 1])
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=groups, bias=False)
+    model = torch.nn.Sequential(conv, torch.nn.Flatten())
+    fwd = 2 * 2 * 4 * (4 // groups) * 9 * 36  # batch x out channels x in per group x k^2 x HW
+    assert step_flops(train_step(model, x, y)) == 2 * fwd  # forward + weight gradient
 
 
 def test_flop_count_matches_hand_count_for_a_linear_layer():

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import vpeft
 from vpeft.backbones.base import MissingPartError
@@ -158,6 +158,31 @@ def flops_per_image(model: nn.Module, img_size: int) -> float:
     finally:
         for p in trainable:
             p.requires_grad_(True)
+    return float(counter.get_total_flops())
+
+
+def _conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: Any,
+                         _stride: Any, _padding: Any, _dilation: Any, transposed: bool,
+                         _output_padding: Any, _groups: Any, output_mask: Any, out_shape: Any,
+                         **kwargs: Any) -> int:
+    """A convolution's backward: each gradient asked for (input, weight) costs the forward's
+    products once more. PyTorch's own formula counts the weight gradient of a grouped
+    convolution ``groups`` times over (a depthwise 7 x 7 conv's by its channel count), which
+    would make methods that train through depthwise convs (Mona, ConvNeXt) look far costlier
+    than they are."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call of a training ``step`` (forward, backward and, for ``train_step``, the
+    optimiser's update, which counts none) by PyTorch's FLOP counter: every matmul, conv and
+    attention product autograd runs, including those inside custom autograd functions. A
+    method's ratio to the floor's is the step ratio a compute-bound device would show."""
+    counter = FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    with counter:
+        step()
     return float(counter.get_total_flops())
 
 
@@ -329,6 +354,9 @@ def profile(
     loss = spec.make_task().loss
     steps: dict[str, Callable[[], None]] = {
         "floor": floor_step(build(spec), x, y, spec.autocast, loss)}
+    # counted on the first (warm-up) call of each step; the ratio to the floor's is the step
+    # ratio a compute-bound device would show: a bound that kernels cannot beat
+    train_flops = {"floor": step_flops(steps["floor"])} if spec.train else {}
     floor_memory = step_memory(steps["floor"], dev) if in_process else {}
     skipped: dict[str, str] = {}
     for name, options in methods:
@@ -349,6 +377,8 @@ def profile(
             merged = vpeft.merge(adapted).eval()
             infer[f"{name}/merged"] = lambda m=merged: run(m)
         steps[name] = train_step(model, x, y, spec.autocast, loss)
+        if spec.train:
+            train_flops[name] = step_flops(steps[name])
         if in_process:
             row.update(step_memory(steps[name], dev))
         deployed = merged if impl.mergeable else adapted
@@ -372,6 +402,8 @@ def profile(
         row["latency_ratio_merged"] = lat.ratio(f"{n}/merged") if f"{n}/merged" in infer else None
         row["step_ms"] = 1e3 * step.median(n) if step else None
         row["step_ratio_floor"] = step.ratio(n) if step else None
+        row["train_flops_ratio_floor"] = (train_flops[n] / train_flops["floor"]
+                                          if step else None)
         row["images_per_second"] = spec.batch_size / step.median(n) if step else None
         if spec.memory and not in_process:
             say(f"memory of {n}")
@@ -380,6 +412,8 @@ def profile(
         "step_ms": 1e3 * step.median("floor") if step else None,
         "base_latency_ms": 1e3 * lat.median("base"),
         "base_gflops_per_image": flops_per_image(base, spec.img_size) / 1e9,
+        "train_gflops_per_image": (train_flops["floor"] / spec.batch_size / 1e9
+                                   if step else None),
     }
     if spec.memory:
         floor.update(floor_memory or peak_memory_mb(spec, None, {}))

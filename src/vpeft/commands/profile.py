@@ -172,6 +172,7 @@ def print_table(result: dict) -> None:
         "merged x base",
         "step ms",
         "step x floor",
+        "FLOPs x floor",
         "train MB",
     ]
     for c in cols:
@@ -186,6 +187,7 @@ def print_table(result: dict) -> None:
             _fmt(r["latency_ratio_merged"], ".3f"),
             _fmt(r["step_ms"], ".1f"),
             _fmt(r["step_ratio_floor"], ".3f"),
+            _fmt(r.get("train_flops_ratio_floor"), ".3f"),
             _fmt(r.get("train_memory_mb"), ".0f"),
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -202,12 +204,13 @@ def print_markdown(result: dict) -> None:
           f"{_fmt(f['step_ms'], '.1f')} ms, base latency {f['base_latency_ms']:.1f} ms, floor "
           f"training memory {_fmt(f.get('train_memory_mb'), '.0f')} MB\n")
     cols = ["method", "trainable (no head)", "step ms", "images/s", "step x floor",
-            "training MB", "peak MB", "latency x base", "merged x base"]
+            "train FLOPs x floor", "training MB", "peak MB", "latency x base", "merged x base"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in result["methods"]:
         cells = [r["method"], f"{r['trainable_params_no_head']:,}", _fmt(r["step_ms"], ".1f"),
                  _fmt(r.get("images_per_second"), ".1f"), _fmt(r["step_ratio_floor"], ".3f"),
+                 _fmt(r.get("train_flops_ratio_floor"), ".3f"),
                  _fmt(r.get("train_memory_mb"), ".0f"), _fmt(r.get("peak_memory_mb"), ".0f"),
                  _fmt(r["latency_ratio_adapted"], ".3f"), _fmt(r["latency_ratio_merged"], ".3f")]
         print("| " + " | ".join(cells) + " |")

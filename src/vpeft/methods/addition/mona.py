@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
@@ -52,6 +53,10 @@ class MonaConfig(MethodConfig):
                                                          "sits: the attention's and/or the MLP's.")
     zero_up: bool = option(False, "Start the up-projection at zero, so the model starts as the "
                                   "base (the official code does not).")
+    recompute: bool = option(True, "Keep only each Mona's input for the backward and run the "
+                                   "Mona again there (exact, dropout masks included): its 64-wide "
+                                   "maps and two token-wide tensors are not stored, for one more "
+                                   "Mona forward per step.")
 
     def validate(self) -> None:
         if self.dim < 1:
@@ -87,8 +92,10 @@ class MonaOp(nn.Module):
 class MonaLayer(nn.Module):
     """The update ``mona(x) - x`` on tokens ``(B, N, C)`` whose last ``h w`` lie on a grid."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float, zero_up: bool) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float, zero_up: bool,
+                 recompute: bool = False) -> None:
         super().__init__()
+        self.recompute = recompute
         self.norm = nn.LayerNorm(dim)
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))  # s1, on the normalised input
         self.gammax = nn.Parameter(torch.ones(dim))  # s2, on the raw input
@@ -104,6 +111,15 @@ class MonaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int] | None
                 ) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            # torch's activation checkpointing: saves x, replays the forward (and the dropout's
+            # random state) in the backward
+            return checkpoint(self.update, x, num_prefix, grid, use_reentrant=False)
+        return self.update(x, num_prefix, grid)
+
+    def update(self, x: torch.Tensor, num_prefix: int, grid: tuple[int, int] | None
+               ) -> torch.Tensor:
+        """``mona(x) - x``, every activation kept for the backward."""
         h = self.down(self.norm(x) * self.gamma + x * self.gammax)  # (B, N, c)
         prefix, img = split_grid(h, num_prefix, grid)
         h = join_grid(self.op.isolated(prefix), self.op(img))
@@ -193,4 +209,4 @@ class Mona(Method):
 
     def _layer(self, width: int) -> MonaLayer:
         cfg: MonaConfig = self.config
-        return MonaLayer(width, cfg.dim, cfg.dropout, cfg.zero_up)
+        return MonaLayer(width, cfg.dim, cfg.dropout, cfg.zero_up, cfg.recompute)
