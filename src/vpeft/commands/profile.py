@@ -2,8 +2,10 @@
 
 Latency is reported for the base, adapted and merged model (median of interleaved runs after
 warm-up, as ratios to the base); training step time as a ratio to the floor (frozen forward plus
-backward to the first block's input tokens); peak training memory as CUDA max-allocated on GPU,
-or the peak resident memory of a fresh subprocess per method on CPU.
+backward to the first block's input tokens) and, beside it, the step's FLOPs over the floor's
+(every product autograd runs: the ratio a compute-bound device would show, which no kernel can
+beat); peak training memory as CUDA max-allocated on GPU, or the peak resident memory of a fresh
+subprocess per method on CPU.
 
 ``--preset gpu`` is the GPU benchmark (benchmarks/gpu.sh): every method on ViT-B/16 (random
 init), batch 64, bf16 autocast, peak CUDA memory measured in-process; flags given with it
