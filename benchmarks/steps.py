@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from vpeft.backbones.base import MissingPartError
+from vpeft.bench.flops import step_flops
 from vpeft.bench.profile import (
     ProfileSpec,
     batch,
@@ -35,7 +36,6 @@ from vpeft.bench.profile import (
     floor_step,
     interleaved_times,
     peak_memory_mb,
-    step_flops,
     train_step,
 )
 from vpeft.engine.config import parse_kv
