@@ -157,8 +157,9 @@ def test_bad_options_are_refused():
         vpeft.adapt(tiny_model("vit"), "e3va", rank=0)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward while ``fn`` runs (outside any checkpoint)."""
+def saved_bytes(fn) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for the backward while ``fn`` runs (outside any checkpoint), and
+    ``fn``'s output."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
