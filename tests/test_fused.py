@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vpeft.core.inject import LinearUpdate, add_to_slices, output_parts
-from vpeft.methods.partial.lora import LoRALinear
+from vpeft.methods.partial.lora import LoRALinear, _blocks
 
 
 def _lora(parts_of: str, bias: bool = True, dropout: float = 0.0, scale: float = 2.0,
@@ -184,6 +184,82 @@ def test_dora_on_the_fused_lora_output_matches_its_generic_path(detach_norm):
     assert len(fused) == 5  # output, A, B, magnitude, x
     for a, b in zip(fused, generic, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _dora(parts_of: str, bias: bool = True, dropout: float = 0.0):
+    from vpeft.methods.partial.dora import DoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 36, bias=bias).double().requires_grad_(False)
+    parts = output_parts(36, parts_of, True) if parts_of != "all" else [(0, 36)]
+    m = DoRALinear(base, 3, 2.0, dropout, parts, detach_norm=True)
+    with torch.no_grad():
+        m.lora_B.normal_()
+        m.magnitude.mul_(torch.linspace(0.5, 2.0, m.magnitude.numel(), dtype=torch.float64))
+    return m
+
+
+@pytest.mark.parametrize("parts_of", ["qv", "k", "all"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_fused_dora_matches_autograd_through_the_weight(parts_of, bias, train_base):
+    """The fused function's rank-r gradients (A, B, and the magnitude from the kept output)
+    equal autograd's through ``W'`` (which forms the whole weight gradient)."""
+    m = _dora(parts_of, bias)
+    m.base.requires_grad_(train_base)  # composed with a method that trains W or c (BitFit)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+
+    def through_weight(t):
+        return nn.functional.linear(t, m.adapted_weight(), m.base.bias)
+
+    fused, plain = _grads(m, x, m), _grads(m, x, through_weight)
+    assert len(fused) == 5 + train_base * (1 + bias)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", ["written-in-place", "zero-magnitude"])
+def test_fused_dora_magnitude_gradient_without_a_usable_output(case):
+    """The magnitude's gradient divides the kept output by ``m``: when the output was written
+    in place after the forward, or a magnitude is 0, it is recomputed from the input instead."""
+    m = _dora("qv")
+    if case == "zero-magnitude":
+        with torch.no_grad():
+            m.magnitude[3] = 0.0
+    x = torch.randn(7, 12, dtype=torch.float64)
+
+    def written(t, fn):
+        y = fn(t)
+        return y.mul_(2.0) if case == "written-in-place" else y
+
+    def through_weight(t):
+        return nn.functional.linear(t, m.adapted_weight(), m.base.bias)
+
+    fused = _grads(m, x, lambda t: written(t, m))
+    plain = _grads(m, x, lambda t: written(t, through_weight).clone())
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    assert fused[3].abs()[3] > 0  # the zero magnitude still gets a gradient
+
+
+def test_dora_dropout_drops_the_low_rank_input_only():
+    """With dropout the update runs on a dropped input (as LoRA's and Hugging Face PEFT's) and
+    the magnitude scales the whole direction; evaluation uses the whole input."""
+    m = _dora("qv", dropout=0.5)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    m.eval()
+    torch.testing.assert_close(m(x), nn.functional.linear(x, m.adapted_weight(), m.base.bias))
+    m.train()
+    torch.manual_seed(3)
+    got = m(x)
+    torch.manual_seed(3)
+    xd = m.dropout(x)
+    blocks = _blocks(m.lora_B, m.parts, m.rank, 36)
+    direction = m.base(x) - m.base.bias + m.scale * (xd @ m.lora_A.t()) @ blocks.t()
+    assert not torch.allclose(got, m.eval()(x))
+    ratio = torch.ones(36, dtype=torch.float64).index_put((m.rows,), m.magnitude
+                                                          / m.direction_norm())
+    torch.testing.assert_close(got, direction * ratio + m.base.bias)
 
 
 @pytest.mark.parametrize("parts_of", ["all", "qv"])

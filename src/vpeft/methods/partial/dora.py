@@ -30,9 +30,10 @@ from torch import nn
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import option
 from vpeft.core.conv import LowRankConv
+from vpeft.core.inject import LinearUpdate, compute_dtype
 from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
-from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, lora_targets
+from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, _blocks, lora_targets
 from vpeft.registry import register
 
 
@@ -42,6 +43,93 @@ class DoRAConfig(LoRAConfig):
                             "own A, B and magnitudes; 'fused': one over the whole layer.")
     detach_norm: bool = option(True, "Treat ||W + sBA||_c as a constant in the backward pass "
                                      "(the paper's memory-saving choice, Sec. 4.3).")
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _direction_and_ratio(weight: torch.Tensor, blocks: torch.Tensor, lora_a: torch.Tensor,
+                         magnitude: torch.Tensor, rows: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W + B A`` and the per-row factor ``m / ||W + B A||_c`` (1 on rows DoRA leaves alone)."""
+    direction = torch.addmm(weight, blocks, lora_a)
+    ratio = direction.new_ones(direction.shape[0])
+    return direction, ratio.index_put((rows,), magnitude / direction[rows].norm(dim=1))
+
+
+class _DoRAFunction(torch.autograd.Function):
+    """``y = x W'^T + c`` with ``W' = m (W + B A) / ||W + B A||_c`` (norm held constant), whose
+    backward costs what LoRA's does: no product of the size of the weight's gradient.
+
+    Through the weight, autograd would form ``g^T x`` (the full weight gradient: one more product
+    the size of the layer's forward) only to project it onto ``A``, ``B`` and ``m``. Each of
+    them has a cheap exact form instead:
+
+    * ``B_i``'s gradient is ``diag(ratio) g_i^T u_i`` and ``A``'s ``(g diag(ratio) B)^T x``, with
+      ``u = x A^T`` the rank-r features (computed in the forward's product, as LoRA does);
+    * ``m_i``'s is ``sum_t g_ti (y_ti - c_i) / m_i``: the output before the bias over the
+      magnitude is the normalised direction's output, so it costs one elementwise pass over the
+      adapted rows of the output, which is kept (no copy: the attention that reads q, k and v
+      keeps the same memory). If the output was changed in place after the forward, or a
+      magnitude is exactly zero, those rows are recomputed from ``x`` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, parts, rank, rows):  # type: ignore[override]
+        out, pr = weight.shape[0], lora_a.shape[0]
+        blocks = _blocks(lora_b, parts, rank, out)
+        direction, ratio = _direction_and_ratio(weight, blocks, lora_a, magnitude, rows)
+        c = None if bias is None else torch.cat([bias, bias.new_zeros(pr)])
+        yu = F.linear(x, torch.cat([direction * ratio[:, None], lora_a]), c)
+        y, u = yu[:, :out].detach(), yu[:, out:].clone()
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, magnitude, u)
+        # not through save_for_backward: a caller may write into y in place (the version check
+        # in the backward then recomputes what it needs instead of failing)
+        ctx.yu, ctx.version = yu, yu._version
+        ctx.parts, ctx.rank, ctx.rows = parts, rank, rows
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight, bias, lora_a, lora_b, magnitude, u = ctx.saved_tensors
+        yu, stale = ctx.yu, ctx.yu._version != ctx.version
+        parts, r, rows = ctx.parts, ctx.rank, ctx.rows
+        need_x, need_w, need_c, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        out, d_in = weight.shape
+        g = g.contiguous()
+        blocks = _blocks(lora_b, parts, r, out)
+        direction, ratio = _direction_and_ratio(weight, blocks, lora_a, magnitude, rows)
+        scaled = blocks * ratio[:, None]  # g diag(ratio) B = g @ scaled
+        grad_x = None
+        if need_x:  # [g W' | g diag(ratio) B] in one product
+            both = g @ torch.cat([direction * ratio[:, None], scaled], dim=1)
+            grad_x, gu = both[:, :d_in], both[:, d_in:]
+        else:
+            gu = g @ scaled
+        grad_a = gu.t() @ x if need_a else None
+        grad_b = None
+        if need_b:
+            grad_b = torch.empty_like(lora_b)
+            row = 0
+            for i, (s, e) in enumerate(parts):
+                grad_b[row : row + e - s] = ((u[:, i * r : (i + 1) * r].t() @ g[:, s:e]).t()
+                                             * ratio[s:e, None])
+                row += e - s
+        gsum = g.sum(0) if need_c or (need_m and bias is not None) else None
+        grad_m = None
+        if need_m:
+            if stale or not bool((magnitude != 0).all()):  # the direction's output, from x
+                d = direction[rows]
+                grad_m = ((g[:, rows] * (x @ d.t())).sum(0)) / d.norm(dim=1)
+            else:  # sum_t g_ti (y_ti - c_i) / m_i, part by part (slices: no copies)
+                sums = []
+                for s, e in parts:
+                    gy = (g[:, s:e] * yu[:, s:e]).sum(0)
+                    sums.append(gy if bias is None else gy - bias[s:e] * gsum[s:e])
+                grad_m = torch.cat(sums) / magnitude
+        grad_w = ratio[:, None] * (g.t() @ x) if need_w else None
+        grad_c = gsum if need_c and bias is not None else None
+        return grad_x, grad_w, grad_c, grad_a, grad_b, grad_m, None, None, None
 
 
 class DoRALinear(LoRALinear):
@@ -83,9 +171,20 @@ class DoRALinear(LoRALinear):
         return direction * ratio[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # through the weight: the rescaled output (as large as the layer's output) is never
-        # stored for the backward, only the layer's input and weight-sized tensors
-        return F.linear(x, self.adapted_weight(), self.base.bias)
+        base = self.base
+        if self.dropout is not None:  # the dropped input feeds only the low-rank path
+            return LinearUpdate.forward(self, x)
+        fused = (self.detach_norm and type(base) is nn.Linear and not base._forward_hooks
+                 and not base._forward_pre_hooks and x.dtype in _FUSED_DTYPES
+                 and compute_dtype(x) == x.dtype == base.weight.dtype)
+        if not fused:
+            # through the weight: the rescaled output (as large as the layer's output) is never
+            # stored for the backward, only the layer's input and weight-sized tensors
+            return F.linear(x, self.adapted_weight(), base.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        y = _DoRAFunction.apply(rows, base.weight, base.bias, self.lora_A, self._scaled_b(),
+                                self.magnitude, self.parts, self.rank, self.rows)
+        return y.view(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
