@@ -186,6 +186,21 @@ def tiny_model(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def saved_bytes(fn) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for the backward while ``fn`` runs (outside any checkpoint), and
+    ``fn``'s output."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
 def real_deit(num_classes: int = 10) -> torch.nn.Module:
     if not WEIGHTS.is_file():
         pytest.skip(f"real DeiT-Tiny weights not found at {WEIGHTS} (set VPEFT_WEIGHTS)")

@@ -11,7 +11,7 @@ import vpeft
 from vpeft.core.surgery import Wrapper
 from vpeft.methods.addition.mona import MonaLayer, MonaOp
 
-from conftest import IMG, tiny_model
+from conftest import IMG, saved_bytes, tiny_model
 
 
 def images(n: int = 2) -> torch.Tensor:
@@ -155,21 +155,6 @@ def test_bad_options_are_refused():
         vpeft.adapt(tiny_model("vit"), "mona", positions=("qkv",))
     with pytest.raises(ValueError, match="rank"):
         vpeft.adapt(tiny_model("vit"), "e3va", rank=0)
-
-
-def saved_bytes(fn) -> tuple[int, torch.Tensor]:
-    """Bytes autograd keeps for the backward while ``fn`` runs (outside any checkpoint), and
-    ``fn``'s output."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total, out
 
 
 def test_mona_recompute_gives_the_same_gradients_and_keeps_less():

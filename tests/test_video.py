@@ -23,7 +23,7 @@ from vpeft.engine.config import TASK_NAMES
 from vpeft.tasks import make_task, task_names
 from vpeft.tasks.video import ClipModel
 
-from conftest import IMG, NUM_CLASSES, tiny_model
+from conftest import IMG, NUM_CLASSES, saved_bytes, tiny_model
 from rows import Row, all_rows
 
 av = pytest.importorskip("av")
@@ -280,6 +280,28 @@ def test_aim_learns_order_from_the_first_step():
     assert temporal_up
     for n in temporal_up:
         assert not torch.allclose(fwd[n], rev[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_aim_recompute_gives_the_same_gradients_and_keeps_less():
+    """``recompute`` (the default) keeps only each temporal branch's input and replays its norm,
+    attention over time and adapter in the backward: the same output and gradients (the frame
+    count comes with the replay, outside the clip's context), with less kept."""
+    x = clips()
+    runs = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = clip_model("aim", recompute=recompute).train()
+        perturb(model)
+        kept, out = saved_bytes(lambda m=model: m(x))
+        out.square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs[recompute] = kept, out, grads
+    (kept_all, out_all, g_all), (kept_re, out_re, g_re) = runs[False], runs[True]
+    torch.testing.assert_close(out_re, out_all, rtol=0, atol=0)
+    assert g_re.keys() == g_all.keys() and any("time_embed" in n for n in g_all)
+    for n in g_all:
+        torch.testing.assert_close(g_re[n], g_all[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert kept_re < 0.85 * kept_all
 
 
 @pytest.mark.parametrize("embed_at,sees_order", [("temporal", True), ("input", False)])

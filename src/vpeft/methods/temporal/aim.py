@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vpeft.backbones.base import BackboneView
 from vpeft.core.config import MethodConfig, option
@@ -72,6 +73,9 @@ class AIMConfig(MethodConfig):
                                        "first block, zero init; see the module docstring).")
     embed_std: float = option(1.0, "Init std of the embedding with embed_at='temporal' (the "
                                    "scale of the normed tokens it is added to).")
+    recompute: bool = option(True, "Keep only each temporal branch's input for the backward and "
+                                   "run its norm, attention and adapter again there (activation "
+                                   "checkpointing): training memory below full fine-tuning's.")
 
     def validate(self) -> None:
         if not 0 < self.ratio <= 4:
@@ -100,8 +104,9 @@ class TemporalAttention(Wrapper):
 
     def __init__(self, block: nn.Module, attn: nn.Module, norm: nn.Module, dim: int,
                  hidden: int, embed: nn.Parameter | None = None, own_embed: bool = False,
-                 embed_at: str = "temporal") -> None:
+                 embed_at: str = "temporal", recompute: bool = False) -> None:
         super().__init__(block)
+        self.recompute = recompute
         self.adapter = Bottleneck(dim, hidden) if hidden else None
         object.__setattr__(self, "attn_t", attn)  # not registered: no second copy of the weights
         object.__setattr__(self, "norm_t", norm)
@@ -127,11 +132,22 @@ class TemporalAttention(Wrapper):
             clips = split_clips(x, frames, "aim")  # (B*T, N, D) + (T, D) per clip
             x = (clips + e[None, :, None, :]).view_as(x)
         if self.adapter is not None:
-            xt = self.norm_t(time_major(x, frames, "aim"))  # (B*N, T, D)
-            if e is not None and self.embed_at == "temporal":
-                xt = xt + e
-            x = x + frame_major(self.adapter(self.attn_t(xt)), x.shape[1])
+            if e is not None and self.embed_at != "temporal":
+                e = None
+            if self.recompute and torch.is_grad_enabled():
+                # torch's activation checkpointing: only x (which the block's norm keeps anyway)
+                # is saved; the norm, attention over time and adapter run again in the backward
+                x = x + checkpoint(self.temporal, x, e, frames, use_reentrant=False)
+            else:
+                x = x + self.temporal(x, e, frames)
         return self.base(x, *args, **kwargs)
+
+    def temporal(self, x: torch.Tensor, e: torch.Tensor | None, frames: int) -> torch.Tensor:
+        """``adapter(attn(norm(x) [+ e]))`` along time, back in the frame-major layout."""
+        xt = self.norm_t(time_major(x, frames, "aim"))  # (B*N, T, D)
+        if e is not None:
+            xt = xt + e
+        return frame_major(self.adapter(self.attn_t(xt)), x.shape[1])
 
 
 @register
@@ -173,4 +189,4 @@ class AIM(Method):
                 t_hidden = hidden if "temporal" in cfg.parts else 0
                 wrap(model, view.blocks[i],
                      lambda m, a=raw_attn, n=norm, d=dim, h=t_hidden, e=embed, o=i == 0:
-                     TemporalAttention(m, a, n, d, h, e, o, cfg.embed_at))
+                     TemporalAttention(m, a, n, d, h, e, o, cfg.embed_at, cfg.recompute))
