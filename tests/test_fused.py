@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vpeft.core.inject import LinearUpdate, add_to_slices, output_parts
-from vpeft.methods.partial.lora import LoRALinear, _blocks
+from vpeft.methods.partial.lora import LoRALinear, part_blocks
 
 
 def _lora(parts_of: str, bias: bool = True, dropout: float = 0.0, scale: float = 2.0,
@@ -186,12 +186,13 @@ def test_dora_on_the_fused_lora_output_matches_its_generic_path(detach_norm):
         torch.testing.assert_close(a, b)
 
 
-def _dora(parts_of: str, bias: bool = True, dropout: float = 0.0):
+def _dora(parts_of: str, bias: bool = True, dropout: float = 0.0, size: tuple[int, int] = (12, 36)):
     from vpeft.methods.partial.dora import DoRALinear
 
     torch.manual_seed(0)
-    base = nn.Linear(12, 36, bias=bias).double().requires_grad_(False)
-    parts = output_parts(36, parts_of, True) if parts_of != "all" else [(0, 36)]
+    base = nn.Linear(*size, bias=bias).double().requires_grad_(False)
+    out = size[1]
+    parts = output_parts(out, parts_of, True) if parts_of != "all" else [(0, out)]
     m = DoRALinear(base, 3, 2.0, dropout, parts, detach_norm=True)
     with torch.no_grad():
         m.lora_B.normal_()
@@ -202,12 +203,14 @@ def _dora(parts_of: str, bias: bool = True, dropout: float = 0.0):
 @pytest.mark.parametrize("parts_of", ["qv", "k", "all"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("train_base", [False, True])
-def test_fused_dora_matches_autograd_through_the_weight(parts_of, bias, train_base):
+@pytest.mark.parametrize("size", [(12, 36), (36, 12)], ids=["wider-out", "wider-in"])
+def test_fused_dora_matches_autograd_through_the_weight(parts_of, bias, train_base, size):
     """The fused function's rank-r gradients (A, B, and the magnitude from the kept output)
-    equal autograd's through ``W'`` (which forms the whole weight gradient)."""
-    m = _dora(parts_of, bias)
+    equal autograd's through ``W'`` (which forms the whole weight gradient); a layer wider in
+    than out takes the rank-r features from the forward's product (a strided output)."""
+    m = _dora(parts_of, bias, size=size)
     m.base.requires_grad_(train_base)  # composed with a method that trains W or c (BitFit)
-    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, size[0], dtype=torch.float64, requires_grad=True)
 
     def through_weight(t):
         return nn.functional.linear(t, m.adapted_weight(), m.base.bias)
@@ -254,7 +257,7 @@ def test_dora_dropout_drops_the_low_rank_input_only():
     got = m(x)
     torch.manual_seed(3)
     xd = m.dropout(x)
-    blocks = _blocks(m.lora_B, m.parts, m.rank, 36)
+    blocks = part_blocks(m.lora_B, m.parts, m.rank, 36)
     direction = m.base(x) - m.base.bias + m.scale * (xd @ m.lora_A.t()) @ blocks.t()
     assert not torch.allclose(got, m.eval()(x))
     ratio = torch.ones(36, dtype=torch.float64).index_put((m.rows,), m.magnitude

@@ -33,7 +33,14 @@ from vpeft.core.conv import LowRankConv
 from vpeft.core.inject import LinearUpdate, compute_dtype
 from vpeft.core.recompute import recompute_norm_and_act_outputs
 from vpeft.core.surgery import wrap
-from vpeft.methods.partial.lora import LoRA, LoRAConfig, LoRALinear, _blocks, lora_targets
+from vpeft.methods.partial.lora import (
+    LoRA,
+    LoRAConfig,
+    LoRALinear,
+    fused_products,
+    lora_targets,
+    part_blocks,
+)
 from vpeft.registry import register
 
 
@@ -76,34 +83,34 @@ class _DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, parts, rank, rows):  # type: ignore[override]
-        out, pr = weight.shape[0], lora_a.shape[0]
-        blocks = _blocks(lora_b, parts, rank, out)
+        out = weight.shape[0]
+        blocks = part_blocks(lora_b, parts, rank, out)
         direction, ratio = _direction_and_ratio(weight, blocks, lora_a, magnitude, rows)
-        c = None if bias is None else torch.cat([bias, bias.new_zeros(pr)])
-        yu = F.linear(x, torch.cat([direction * ratio[:, None], lora_a]), c)
-        y, u = yu[:, :out].detach(), yu[:, out:].clone()
+        y, u = fused_products(x, direction * ratio[:, None], lora_a, bias,
+                              fuse=out < x.shape[1])
+        y, u = y.detach(), u.contiguous()
         ctx.save_for_backward(x, weight, bias, lora_a, lora_b, magnitude, u)
         # not through save_for_backward: a caller may write into y in place (the version check
         # in the backward then recomputes what it needs instead of failing)
-        ctx.yu, ctx.version = yu, yu._version
+        ctx.y, ctx.version = y, y._version
         ctx.parts, ctx.rank, ctx.rows = parts, rank, rows
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, weight, bias, lora_a, lora_b, magnitude, u = ctx.saved_tensors
-        yu, stale = ctx.yu, ctx.yu._version != ctx.version
+        y, stale = ctx.y, ctx.y._version != ctx.version
         parts, r, rows = ctx.parts, ctx.rank, ctx.rows
         need_x, need_w, need_c, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         out, d_in = weight.shape
         g = g.contiguous()
-        blocks = _blocks(lora_b, parts, r, out)
+        blocks = part_blocks(lora_b, parts, r, out)
         direction, ratio = _direction_and_ratio(weight, blocks, lora_a, magnitude, rows)
         scaled = blocks * ratio[:, None]  # g diag(ratio) B = g @ scaled
         grad_x = None
-        if need_x:  # [g W' | g diag(ratio) B] in one product
-            both = g @ torch.cat([direction * ratio[:, None], scaled], dim=1)
-            grad_x, gu = both[:, :d_in], both[:, d_in:]
+        if need_x:  # g W' and g diag(ratio) B
+            grad_x, gu = fused_products(g, (direction * ratio[:, None]).t(), scaled.t(),
+                                        fuse=out > d_in)
         else:
             gu = g @ scaled
         grad_a = gu.t() @ x if need_a else None
@@ -124,7 +131,7 @@ class _DoRAFunction(torch.autograd.Function):
             else:  # sum_t g_ti (y_ti - c_i) / m_i, part by part (slices: no copies)
                 sums = []
                 for s, e in parts:
-                    gy = (g[:, s:e] * yu[:, s:e]).sum(0)
+                    gy = (g[:, s:e] * y[:, s:e]).sum(0)
                     sums.append(gy if bias is None else gy - bias[s:e] * gsum[s:e])
                 grad_m = torch.cat(sums) / magnitude
         grad_w = ratio[:, None] * (g.t() @ x) if need_w else None
